@@ -1,0 +1,8 @@
+//! `toka-kernel`: the deterministic state machine and single sequencer for agents and tasks.
+//!
+//! The service's runtime (configuration, NATS connection, services-API endpoints, probes and
+//! graceful shutdown) is built on the contract in `toka-shared`; see `ARCHITECTURE.md`.
+//! This crate depends on `toka-shared` only, never on another service.
+
+/// The name this service registers with the NATS services API.
+pub const SERVICE_NAME: &str = toka_shared::subject::service::KERNEL;

@@ -1,0 +1,197 @@
+//! Every NATS subject Toka uses, spelled once.
+//!
+//! - Requests: `toka.<service>.v1.<endpoint>`, served through the NATS services API.
+//! - Committed events: `toka.evt.<log>.<category>.<name>.<entity>`, with `_` where an event
+//!   has no entity, published only by storage. No version in event subjects: the CloudEvents
+//!   `type` carries it (`toka.task.completed.v1`).
+//! - Announcements: [`AUTH_HEARTBEAT`], published only by auth.
+//!
+//! `ARCHITECTURE.md` lists each with its producer and consumers; a test checks the two agree.
+
+use crate::event::Event;
+use crate::record::LogName;
+
+/// The services, by the name they register with the NATS services API.
+pub mod service {
+    /// The kernel.
+    pub const KERNEL: &str = "toka-kernel";
+    /// Storage.
+    pub const STORAGE: &str = "toka-storage";
+    /// Auth.
+    pub const AUTH: &str = "toka-auth";
+    /// Telemetry.
+    pub const TELEMETRY: &str = "toka-telemetry";
+    /// Every service.
+    pub const ALL: [&str; 4] = [KERNEL, STORAGE, AUTH, TELEMETRY];
+}
+
+/// A request/reply endpoint of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The service that serves it (a [`service`] name).
+    pub service: &'static str,
+    /// The endpoint name within the service (`agent.get`).
+    pub name: &'static str,
+    /// The full subject.
+    pub subject: &'static str,
+}
+
+macro_rules! endpoints {
+    ($($(#[$doc:meta])* $const:ident = $svc:literal, $name:literal;)*) => {
+        $(
+            $(#[$doc])*
+            pub const $const: Endpoint = Endpoint {
+                service: concat!("toka-", $svc),
+                name: $name,
+                subject: concat!("toka.", $svc, ".v1.", $name),
+            };
+        )*
+        /// Every endpoint.
+        pub const ENDPOINTS: &[Endpoint] = &[$($const,)*];
+    };
+}
+
+endpoints! {
+    /// Submit one operation.
+    KERNEL_SUBMIT = "kernel", "submit";
+    /// Submit several operations under one token.
+    KERNEL_SUBMIT_BATCH = "kernel", "submit_batch";
+    /// Read one agent.
+    KERNEL_AGENT_GET = "kernel", "agent.get";
+    /// List agents with filters and paging.
+    KERNEL_AGENT_LIST = "kernel", "agent.list";
+    /// Read one task.
+    KERNEL_TASK_GET = "kernel", "task.get";
+    /// List tasks with filters and paging.
+    KERNEL_TASK_LIST = "kernel", "task.list";
+    /// Append to the `kernel` log (only the kernel may).
+    STORAGE_APPEND_KERNEL = "storage", "append.kernel";
+    /// Append to the `audit` log (only auth and the kernel may).
+    STORAGE_APPEND_AUDIT = "storage", "append.audit";
+    /// Read a log by sequence range.
+    STORAGE_READ = "storage", "read";
+    /// Query events by entity, type and time.
+    STORAGE_QUERY = "storage", "query";
+    /// A log's head: last sequence and hash.
+    STORAGE_HEAD = "storage", "head";
+    /// Verify a log's hash chain.
+    STORAGE_VERIFY = "storage", "verify";
+    /// Store one chunk of a snapshot.
+    STORAGE_SNAPSHOT_PUT = "storage", "snapshot.put";
+    /// Fetch one chunk of a snapshot.
+    STORAGE_SNAPSHOT_GET = "storage", "snapshot.get";
+    /// Backend, heads and publishing progress.
+    STORAGE_STATUS = "storage", "status";
+    /// Issue a token (admin credential or `token:*` issue).
+    AUTH_ISSUE = "auth", "issue";
+    /// Delegate a narrower child token.
+    AUTH_DELEGATE = "auth", "delegate";
+    /// Revoke a token and its descendants.
+    AUTH_REVOKE = "auth", "revoke";
+    /// The public signing keys (JWKS).
+    AUTH_JWKS = "auth", "jwks";
+    /// Rotate the signing key now.
+    AUTH_ROTATE = "auth", "rotate";
+    /// Every revocation still in force, with the epoch.
+    AUTH_REVOCATIONS = "auth", "revocations";
+}
+
+/// The endpoint that appends to `log`.
+pub const fn append(log: LogName) -> Endpoint {
+    match log {
+        LogName::Kernel => STORAGE_APPEND_KERNEL,
+        LogName::Audit => STORAGE_APPEND_AUDIT,
+    }
+}
+
+/// Auth's periodic heartbeat carrying the revocation epoch.
+pub const AUTH_HEARTBEAT: &str = "toka.auth.v1.heartbeat";
+
+/// The root of every committed-event subject.
+pub const EVENTS_ROOT: &str = "toka.evt";
+
+/// Every committed event (the JetStream stream's subject filter).
+pub const ALL_EVENTS: &str = "toka.evt.>";
+
+/// The JetStream stream that holds committed events.
+pub const EVENTS_STREAM: &str = "TOKA_EVENTS";
+
+/// The token that stands for "no entity".
+pub const NO_ENTITY: &str = "_";
+
+/// The subject a committed event of `log` is published on.
+pub fn event(log: LogName, event: &Event) -> String {
+    let entity = event.entity();
+    format!("{EVENTS_ROOT}.{log}.{}.{}.{}", event.category(), event.name(), entity.as_deref().unwrap_or(NO_ENTITY))
+}
+
+/// A filter for every event of `log` about `entity` (an agent, task or token id).
+pub fn events_about(log: LogName, entity: &str) -> String {
+    format!("{EVENTS_ROOT}.{log}.*.*.{entity}")
+}
+
+/// A filter for every event of `log` in `category` (`agent`, `task`, ...).
+pub fn events_in(log: LogName, category: &str) -> String {
+    format!("{EVENTS_ROOT}.{log}.{category}.>")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::AgentId;
+
+    fn is_token(t: &str) -> bool {
+        !t.is_empty() && t.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }
+
+    #[test]
+    fn request_subjects_follow_the_scheme_and_are_unique() {
+        let mut seen = BTreeSet::new();
+        for e in ENDPOINTS {
+            let tokens: Vec<&str> = e.subject.split('.').collect();
+            assert!(tokens.len() >= 4, "{}", e.subject);
+            assert_eq!(tokens[0], "toka");
+            assert_eq!(format!("toka-{}", tokens[1]), e.service);
+            assert!(service::ALL.contains(&e.service));
+            assert_eq!(tokens[2], "v1");
+            assert_eq!(tokens[3..].join("."), e.name);
+            assert!(tokens.iter().all(|t| is_token(t)), "{}", e.subject);
+            assert!(seen.insert(e.subject), "{} twice", e.subject);
+        }
+        assert!(AUTH_HEARTBEAT.starts_with("toka.auth.v1.") && !seen.contains(AUTH_HEARTBEAT));
+        // No endpoint subject is a prefix of another's wildcard space by accident.
+        for a in ENDPOINTS {
+            for b in ENDPOINTS {
+                assert!(
+                    a == b || !b.subject.starts_with(&format!("{}.", a.subject)),
+                    "{} shadows {}",
+                    a.subject,
+                    b.subject
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn event_subjects_have_six_tokens_and_no_version() {
+        let agent = AgentId::mint(1_000, 1, 0);
+        let with_entity = event(LogName::Kernel, &Event::AgentResumed { agent });
+        assert_eq!(with_entity, format!("toka.evt.kernel.agent.resumed.{agent}"));
+        let without =
+            event(LogName::Audit, &Event::KeyRotated { kid: "k1".into(), previous_kid: None, retire_at_us: None });
+        assert_eq!(without, "toka.evt.audit.auth.key_rotated._");
+        for s in [&with_entity, &without] {
+            let tokens: Vec<&str> = s.split('.').collect();
+            assert_eq!(tokens.len(), 6, "{s}");
+            assert!(!tokens.iter().any(|t| t.starts_with('v') && t[1..].parse::<u32>().is_ok()), "{s} has a version");
+        }
+        assert_eq!(events_about(LogName::Kernel, &agent.to_string()), format!("toka.evt.kernel.*.*.{agent}"));
+        assert_eq!(events_in(LogName::Kernel, "task"), "toka.evt.kernel.task.>");
+        for t in Event::TYPES {
+            let (category, name) = t.split_once('.').unwrap();
+            assert!(is_token(category) && is_token(name), "{t}");
+        }
+    }
+}

@@ -24,6 +24,17 @@ pub enum TimeoutKind {
     Heartbeat,
 }
 
+impl TimeoutKind {
+    /// The wire name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TimeoutKind::ScheduleToStart => "schedule_to_start",
+            TimeoutKind::StartToClose => "start_to_close",
+            TimeoutKind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
 /// Which resource limit was crossed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -812,3 +812,32 @@ fn architecture_lists_every_refusal_rule_with_its_code() {
         assert!(doc.contains(&row), "ARCHITECTURE.md lacks the refusal row starting {row}");
     }
 }
+
+#[test]
+fn the_state_machine_source_uses_nothing_nondeterministic() {
+    // A cheap guard against the usual ways determinism is lost; the model tests catch the rest.
+    let sources = [
+        ("mod.rs", include_str!("mod.rs")),
+        ("error.rs", include_str!("error.rs")),
+        ("snapshot.rs", include_str!("snapshot.rs")),
+    ];
+    let forbidden = [
+        "HashMap",
+        "HashSet",
+        "SystemTime",
+        "Instant",
+        "rand::",
+        "std::fs",
+        "std::net",
+        "tokio",
+        "async fn",
+        "f32",
+        "f64",
+        "thread_rng",
+    ];
+    for (file, text) in sources {
+        for word in forbidden {
+            assert!(!text.contains(word), "machine/{file} uses {word}");
+        }
+    }
+}

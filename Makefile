@@ -1,9 +1,13 @@
 # The one entry point for humans and CI (.ci/run calls these targets).
 CARGO ?= cargo
 
-.PHONY: all fmt fmt-check clippy test check ci
+.PHONY: all run fmt fmt-check clippy test nats-image check ci bench
 
 all: fmt-check clippy test
+
+# Run the secured local stack (NATS + the four services) on loopback; Ctrl-C stops it.
+run:
+	scripts/local-stack.sh
 
 fmt:
 	$(CARGO) fmt --all
@@ -14,11 +18,18 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-# The test command the README gives: every unit, contract, property and integration test.
-test:
+# The NATS image the container tests use; skipped (and the tests say so) without Docker.
+nats-image:
+	@if docker info >/dev/null 2>&1; then scripts/build-nats-image.sh; else echo "docker unavailable: container tests will be skipped"; fi
+
+# The test command the README gives: unit, contract, property and integration tests.
+test: nats-image
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
 check: fmt-check clippy
+
+bench:
+	$(CARGO) bench -p toka-kernel --bench apply
 
 ci:
 	bash .ci/run

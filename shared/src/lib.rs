@@ -14,7 +14,13 @@
 //! - [`wire`]: reply bodies, stable error codes and the NATS error headers.
 //! - [`api`]: request and reply bodies of every endpoint.
 //! - [`schema`]: the embedded schema registry and the type ↔ schema map.
+//! - [`access`]: the NATS users and their least-privilege permissions.
+//!
+//! With the `runtime` feature, [`runtime`] adds the plumbing every service needs the same way
+//! (configuration, observability, the bus, the services-API host, admin probes, shutdown). The
+//! contract modules above never import it.
 
+pub mod access;
 pub mod api;
 pub mod capability;
 pub mod envelope;
@@ -26,6 +32,9 @@ pub mod schema;
 pub mod spec;
 pub mod subject;
 pub mod wire;
+
+#[cfg(feature = "runtime")]
+pub mod runtime;
 
 pub use capability::{Action, ActionSet, Capability, Pattern};
 pub use envelope::Envelope;

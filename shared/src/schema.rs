@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{auth, kernel, storage};
+use crate::api::{auth, kernel, service, storage};
 use crate::envelope::Envelope;
 use crate::event::Event;
 use crate::op::Operation;
@@ -51,6 +51,8 @@ pub const FILES: &[(&str, &str)] = &[
     ("api/kernel.task.get.request.v1.json", include_str!("../../schemas/api/kernel.task.get.request.v1.json")),
     ("api/kernel.task.list.reply.v1.json", include_str!("../../schemas/api/kernel.task.list.reply.v1.json")),
     ("api/kernel.task.list.request.v1.json", include_str!("../../schemas/api/kernel.task.list.request.v1.json")),
+    ("api/service.health.reply.v1.json", include_str!("../../schemas/api/service.health.reply.v1.json")),
+    ("api/service.health.request.v1.json", include_str!("../../schemas/api/service.health.request.v1.json")),
     (
         "api/storage.append.audit.request.v1.json",
         include_str!("../../schemas/api/storage.append.audit.request.v1.json"),
@@ -111,6 +113,18 @@ pub const FILES: &[(&str, &str)] = &[
     ("events/task.scheduled.v1.json", include_str!("../../schemas/events/task.scheduled.v1.json")),
     ("events/task.timed_out.v1.json", include_str!("../../schemas/events/task.timed_out.v1.json")),
     ("external/cloudevents.json", include_str!("../../schemas/external/cloudevents.json")),
+    (
+        "external/nats-micro-v1/info_response.json",
+        include_str!("../../schemas/external/nats-micro-v1/info_response.json"),
+    ),
+    (
+        "external/nats-micro-v1/ping_response.json",
+        include_str!("../../schemas/external/nats-micro-v1/ping_response.json"),
+    ),
+    (
+        "external/nats-micro-v1/stats_response.json",
+        include_str!("../../schemas/external/nats-micro-v1/stats_response.json"),
+    ),
     ("ops/agent.resume.v1.json", include_str!("../../schemas/ops/agent.resume.v1.json")),
     ("ops/agent.spawn.v1.json", include_str!("../../schemas/ops/agent.spawn.v1.json")),
     ("ops/agent.suspend.v1.json", include_str!("../../schemas/ops/agent.suspend.v1.json")),
@@ -180,7 +194,6 @@ impl Registry {
         let mut validators = BTreeMap::new();
         for (path, doc) in &documents {
             let validator = jsonschema::options()
-                .with_draft(jsonschema::Draft::Draft202012)
                 .with_registry(&registry)
                 .with_base_uri(format!("{BASE_URI}{path}"))
                 .should_validate_formats(true)
@@ -317,6 +330,7 @@ contracts! {
         AuditRecord => "records/audit-record.v1.json",
         Envelope => "envelope/envelope.v1.json",
         ErrorBody => "wire/error.v1.json",
+        service::HealthRequest => "api/service.health.request.v1.json",
         kernel::SubmitRequest => "api/kernel.submit.request.v1.json",
         kernel::SubmitBatchRequest => "api/kernel.submit_batch.request.v1.json",
         kernel::AgentGetRequest => "api/kernel.agent.get.request.v1.json",
@@ -342,6 +356,7 @@ contracts! {
         auth::Claims => "auth/claims.v1.json",
     }
     replies {
+        service::HealthReply => "api/service.health.reply.v1.json",
         kernel::SubmitReply => "api/kernel.submit.reply.v1.json",
         kernel::SubmitBatchReply => "api/kernel.submit_batch.reply.v1.json",
         kernel::AgentView => "api/kernel.agent.get.reply.v1.json",

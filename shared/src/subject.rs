@@ -52,6 +52,14 @@ macro_rules! endpoints {
 }
 
 endpoints! {
+    /// The kernel's health: version, readiness, uptime.
+    KERNEL_HEALTH = "kernel", "health";
+    /// Storage's health.
+    STORAGE_HEALTH = "storage", "health";
+    /// Auth's health.
+    AUTH_HEALTH = "auth", "health";
+    /// Telemetry's health.
+    TELEMETRY_HEALTH = "telemetry", "health";
     /// Submit one operation.
     KERNEL_SUBMIT = "kernel", "submit";
     /// Submit several operations under one token.
@@ -102,6 +110,11 @@ pub const fn append(log: LogName) -> Endpoint {
         LogName::Kernel => STORAGE_APPEND_KERNEL,
         LogName::Audit => STORAGE_APPEND_AUDIT,
     }
+}
+
+/// The health endpoint of `service` (a [`service`] name).
+pub fn health(service: &str) -> Option<Endpoint> {
+    ENDPOINTS.iter().copied().find(|e| e.service == service && e.name == "health")
 }
 
 /// Auth's periodic heartbeat carrying the revocation epoch.

@@ -206,6 +206,20 @@ fn the_vendored_cloudevents_schema_is_the_published_one() {
 }
 
 #[test]
+fn the_vendored_nats_micro_schemas_are_the_published_ones() {
+    for name in ["info_response.json", "ping_response.json", "stats_response.json"] {
+        let published = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/external/nats-micro-v1").join(name);
+        match std::fs::read_to_string(&published) {
+            Ok(text) => assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap(),
+                doc(&format!("external/nats-micro-v1/{name}"))
+            ),
+            Err(e) => eprintln!("skipped: {} is not beside the repository ({e})", published.display()),
+        }
+    }
+}
+
+#[test]
 fn decode_reports_schema_and_pointer() {
     let err = toka_shared::schema::decode::<Operation>(br#"{"type":"agent.spawn","name":"my agent"}"#).unwrap_err();
     let toka_shared::schema::DecodeError::Schema(e) = err else { panic!("{err:?}") };

@@ -1,7 +1,12 @@
 //! Toka's integration tests: one binary, a module per area.
 //!
-//! - `docs`: the tables in `ARCHITECTURE.md` and `README.md` agree with the code.
+//! - `harness`: containerised NATS, in-process services, bounded waits.
+//! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
+//! - `services`: the four services on a secured bus.
 
-#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
+#![allow(unreachable_pub)] // a test binary exports nothing; `pub` marks the harness API
 
 mod docs;
+mod harness;
+mod services;

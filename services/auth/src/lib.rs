@@ -1,8 +1,54 @@
 //! `toka-auth`: Ed25519 capability tokens: issue, delegate, revoke, rotate, rate-limit, audit.
 //!
-//! The service's runtime (configuration, NATS connection, services-API endpoints, probes and
-//! graceful shutdown) is built on the contract in `toka-shared`; see `ARCHITECTURE.md`.
+//! - [`run`]: the service: registers with the NATS services API, serves its endpoints and
+//!   `toka.auth.v1.health`, answers `/livez`, `/readyz` and `/metrics` on the admin port,
+//!   and stops gracefully when `shutdown` resolves.
+//! - [`Config`]: its configuration (`toka-auth --dump-config` prints every key).
+//!
 //! This crate depends on `toka-shared` only, never on another service.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use toka_shared::runtime::bus::Bus;
+use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
+use toka_shared::runtime::host::{self, Host};
 
 /// The name this service registers with the NATS services API.
 pub const SERVICE_NAME: &str = toka_shared::subject::service::AUTH;
+
+/// What `--help` and the services API say the service is.
+pub const DESCRIPTION: &str =
+    "Toka auth: Ed25519 capability tokens: issue, delegate, revoke, rotate, rate-limit, audit";
+
+/// The service's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Admin HTTP probes and metrics.
+    pub admin: AdminConfig,
+    /// Logs, traces and metrics.
+    pub telemetry: TelemetryConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+toka_shared::service_config!(Config);
+
+/// Why the service stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The services-API host could not start.
+    #[error(transparent)]
+    Host(#[from] host::Error),
+}
+
+/// Runs the service on `bus` until `shutdown` resolves.
+pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let host = Host::start(&bus, SERVICE_NAME, DESCRIPTION, &config.admin).await?;
+    host.serve_until(&bus, shutdown, Duration::from_millis(config.shutdown.grace_ms)).await;
+    Ok(())
+}

@@ -1,20 +1,5 @@
-//! The `toka-kernel` binary.
+//! The `toka-kernel` binary: `toka-kernel --help` explains its options and configuration.
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version" | "-V") => {
-            println!("{} {}", toka_kernel::SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!(
-                "{}: the deterministic state machine and single sequencer for agents and tasks.\nThe service runtime is not built yet; only --version is available.",
-                toka_kernel::SERVICE_NAME
-            );
-            ExitCode::from(64)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    toka_shared::runtime::cli::main(toka_kernel::SERVICE_NAME, toka_kernel::DESCRIPTION, toka_kernel::run)
 }

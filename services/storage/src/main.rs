@@ -1,20 +1,5 @@
-//! The `toka-storage` binary.
+//! The `toka-storage` binary: `toka-storage --help` explains its options and configuration.
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version" | "-V") => {
-            println!("{} {}", toka_storage::SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!(
-                "{}: the write-ahead log: named, hash-chained logs on SQLite (default) or FoundationDB.\nThe service runtime is not built yet; only --version is available.",
-                toka_storage::SERVICE_NAME
-            );
-            ExitCode::from(64)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    toka_shared::runtime::cli::main(toka_storage::SERVICE_NAME, toka_storage::DESCRIPTION, toka_storage::run)
 }

@@ -1,20 +1,5 @@
-//! The `toka-telemetry` binary.
+//! The `toka-telemetry` binary: `toka-telemetry --help` explains its options and configuration.
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    let arg = std::env::args().nth(1);
-    match arg.as_deref() {
-        Some("--version" | "-V") => {
-            println!("{} {}", toka_telemetry::SERVICE_NAME, env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!(
-                "{}: OpenTelemetry export, Prometheus metrics, dashboard and event analyzers.\nThe service runtime is not built yet; only --version is available.",
-                toka_telemetry::SERVICE_NAME
-            );
-            ExitCode::from(64)
-        }
-    }
+fn main() -> std::process::ExitCode {
+    toka_shared::runtime::cli::main(toka_telemetry::SERVICE_NAME, toka_telemetry::DESCRIPTION, toka_telemetry::run)
 }

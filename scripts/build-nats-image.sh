@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Builds the local image toka-nats:2.15.1 (FROM scratch, the static nats-server binary) that
+# the container tests run. Nothing is pulled: no registry is reachable.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGE=toka-nats:2.15.1
+bin=$(scripts/install-nats.sh)
+ctx=$(mktemp -d)
+trap 'rm -rf "$ctx"' EXIT
+cp "$bin" "$ctx/nats-server"
+cp tests/nats/Dockerfile "$ctx/Dockerfile"
+docker build --quiet -t "$IMAGE" "$ctx" >/dev/null
+echo "built $IMAGE"

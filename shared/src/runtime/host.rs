@@ -244,7 +244,8 @@ impl Host {
         let mut requests = self
             .service
             .endpoint_builder()
-            .name(endpoint.name)
+            // Services-API endpoint names allow no dots (`snapshot.get` registers as `snapshot_get`).
+            .name(endpoint.name.replace('.', "_"))
             .add(endpoint.subject)
             .await
             .map_err(|e| Error::Register { what: endpoint.subject.to_owned(), reason: e.to_string() })?;

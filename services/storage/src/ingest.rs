@@ -1,0 +1,174 @@
+//! Turning an append request into WAL records: every record is checked before anything is
+//! written. A batch with one bad entry is refused whole, with an error that names the entry,
+//! the schema and the JSON pointer.
+
+use serde_json::Value;
+use toka_shared::Event;
+use toka_shared::record::{LogName, Record};
+use toka_shared::schema::Registry;
+use toka_shared::wire::{ErrorCode, WireError};
+
+use crate::wal::{EventKey, StoredRecord};
+
+/// The most records one append may carry.
+pub const MAX_BATCH_RECORDS: usize = 10_000;
+
+/// The append request schema of `log`.
+pub fn append_schema(log: LogName) -> &'static str {
+    match log {
+        LogName::Kernel => "api/storage.append.kernel.request.v1.json",
+        LogName::Audit => "api/storage.append.audit.request.v1.json",
+    }
+}
+
+fn bad(entry: usize, message: String) -> WireError {
+    WireError::new(ErrorCode::BadRequest, format!("record {entry}: {message}")).with_detail("entry", entry as u64)
+}
+
+/// Checks an append request body for `log` and returns its records, ready for the WAL:
+/// the request and every record validate against their schemas, each record's hash is its
+/// content's, sequences are contiguous from `expected_seq`, and each record links to the one
+/// before it (the first one's link to the head is the WAL's to check).
+pub fn records(log: LogName, body: &Value) -> Result<Vec<StoredRecord>, WireError> {
+    validate(log, body)?;
+    checked_records(body)
+}
+
+/// Validates an append request against `log`'s schema, naming the failing entry.
+fn validate(log: LogName, body: &Value) -> Result<(), WireError> {
+    let schema = append_schema(log);
+    Registry::global().validate(schema, body).map_err(|e| {
+        let entry =
+            e.pointer.strip_prefix("/records/").and_then(|p| p.split('/').next()).and_then(|i| i.parse::<u64>().ok());
+        let mut w = WireError::from(e);
+        if let Some(entry) = entry {
+            w = w.with_detail("entry", entry);
+        }
+        w
+    })
+}
+
+/// [`records`] for a body already validated against its schema (the services host does that).
+pub fn checked_records(body: &Value) -> Result<Vec<StoredRecord>, WireError> {
+    let expected_seq = body["expected_seq"].as_u64().unwrap_or(0);
+    let items = body["records"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if items.len() > MAX_BATCH_RECORDS {
+        return Err(WireError::new(
+            ErrorCode::TooLarge,
+            format!("{} records; at most {MAX_BATCH_RECORDS} per append", items.len()),
+        ));
+    }
+    let mut out: Vec<StoredRecord> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let record: Record<Value> = serde_json::from_value(item.clone()).map_err(|e| bad(i, e.to_string()))?;
+        let expected = expected_seq + i as u64;
+        if record.seq != expected {
+            return Err(bad(i, format!("seq {} where {expected} was expected", record.seq)));
+        }
+        if let Some(prev) = out.last()
+            && record.prev_hash != prev.hash
+        {
+            return Err(bad(i, format!("prev_hash {} does not link to record {}", record.prev_hash, prev.seq)));
+        }
+        let computed = record.compute_hash().map_err(|e| bad(i, e.to_string()))?;
+        if computed != record.hash {
+            return Err(bad(i, format!("hash {} does not match its content ({computed})", record.hash)));
+        }
+        let events = record
+            .events
+            .iter()
+            .map(|e: &Event| EventKey { event_type: e.type_name().to_owned(), entity: e.entity() })
+            .collect();
+        let body = serde_json::to_vec(item).map_err(|e| bad(i, e.to_string()))?;
+        out.push(StoredRecord {
+            seq: record.seq,
+            hash: record.hash,
+            prev_hash: record.prev_hash,
+            time_us: record.time_us,
+            body,
+            events,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use toka_shared::record::Hash;
+    use toka_shared::{AgentId, KernelRecord, OpId, Operation};
+
+    use super::*;
+
+    fn kernel_chain(n: u64) -> Vec<KernelRecord> {
+        let mut prev = Hash::ZERO;
+        (1..=n)
+            .map(|seq| {
+                let agent = AgentId::mint(1_000, seq, 0);
+                let r = Record::seal(
+                    seq,
+                    OpId::mint(1_000, seq, 1),
+                    "operator".parse().unwrap(),
+                    1_000 + seq,
+                    Operation::ResumeAgent { agent },
+                    vec![Event::AgentResumed { agent }],
+                    prev,
+                )
+                .unwrap();
+                prev = r.hash;
+                r
+            })
+            .collect()
+    }
+
+    fn request(records: &[KernelRecord]) -> Value {
+        json!({"expected_seq": records[0].seq, "records": records})
+    }
+
+    #[test]
+    fn a_valid_batch_becomes_wal_records() {
+        let chain = kernel_chain(3);
+        let out = records(LogName::Kernel, &request(&chain)).unwrap();
+        assert_eq!(out.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(out[2].hash, chain[2].hash);
+        assert_eq!(
+            out[0].events,
+            [EventKey { event_type: "agent.resumed".into(), entity: Some(AgentId::mint(1_000, 1, 0).to_string()) }]
+        );
+    }
+
+    #[test]
+    fn one_bad_entry_refuses_the_batch_naming_it() {
+        let chain = kernel_chain(3);
+        let mut doc = request(&chain);
+        doc["records"][2]["op"]["agent"] = json!("not-an-id");
+        let err = records(LogName::Kernel, &doc).unwrap_err();
+        assert_eq!((err.code, err.details["entry"].clone()), (ErrorCode::BadRequest, json!(2)));
+        assert_eq!(err.details["pointer"], "/records/2/op/agent");
+        assert_eq!(err.details["schema"], "api/storage.append.kernel.request.v1.json");
+
+        let mut tampered = chain.clone();
+        tampered[1].time_us += 1;
+        let err = records(LogName::Kernel, &request(&tampered)).unwrap_err();
+        assert_eq!(err.details["entry"], json!(1));
+        assert!(err.message.contains("does not match its content"), "{}", err.message);
+
+        let mut gap = chain.clone();
+        gap.remove(1);
+        let err = records(LogName::Kernel, &request(&gap)).unwrap_err();
+        assert!(err.message.contains("seq 3 where 2 was expected"), "{}", err.message);
+
+        let mut relinked = chain;
+        relinked[2].prev_hash = Hash([1; 32]);
+        relinked[2].hash = relinked[2].compute_hash().unwrap();
+        let err = records(LogName::Kernel, &request(&relinked)).unwrap_err();
+        assert!(err.message.contains("does not link"), "{}", err.message);
+    }
+
+    #[test]
+    fn a_kernel_record_is_refused_on_the_audit_log() {
+        let err = records(LogName::Audit, &request(&kernel_chain(1))).unwrap_err();
+        assert_eq!(err.details["schema"], "api/storage.append.audit.request.v1.json");
+        assert_eq!(err.details["entry"], json!(0));
+    }
+}

@@ -1,0 +1,246 @@
+//! The conformance suite: the same tests over every backend. A backend that passes keeps the
+//! log contiguous, refuses anything but an identical retry at a taken sequence, reads back what
+//! it acknowledged, and keeps snapshots, compaction and publishing progress straight.
+
+use toka_shared::record::{Hash, LogName};
+
+use super::memory::MemoryWal;
+use super::sqlite::SqliteWal;
+use super::{Error, EventKey, Head, Query, SnapshotChunk, StoredRecord, Wal};
+
+/// A chain of `n` records for `log` after `after` (seq, hash), with distinct bodies.
+pub(crate) fn chain(after: (u64, Hash), n: u64, tag: &str) -> Vec<StoredRecord> {
+    let mut prev = after.1;
+    (after.0 + 1..=after.0 + n)
+        .map(|seq| {
+            let body = format!("{{\"seq\":{seq},\"tag\":\"{tag}\"}}").into_bytes();
+            let hash = Hash(*blake3::hash(&[&body[..], &prev.0[..]].concat()).as_bytes());
+            let r = StoredRecord {
+                seq,
+                hash,
+                prev_hash: prev,
+                time_us: 1_000 * seq,
+                body,
+                events: vec![
+                    EventKey { event_type: "agent.spawned".into(), entity: Some(format!("a{}", seq % 3)) },
+                    EventKey { event_type: "task.failed".into(), entity: None },
+                ],
+            };
+            prev = hash;
+            r
+        })
+        .collect()
+}
+
+fn strip(records: &[StoredRecord]) -> Vec<StoredRecord> {
+    records.iter().map(|r| StoredRecord { events: Vec::new(), ..r.clone() }).collect()
+}
+
+fn append_one(wal: &mut dyn Wal, log: LogName, batch: &[StoredRecord]) -> Result<super::Appended, Error> {
+    wal.append(&[(log, batch)]).pop().expect("one result per batch")
+}
+
+fn head_of(records: &[StoredRecord]) -> (u64, Hash) {
+    records.last().map_or((0, Hash::ZERO), |r| (r.seq, r.hash))
+}
+
+fn appends_are_contiguous_and_read_back(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 5, "a");
+    let done = append_one(wal, LogName::Kernel, &a[..3]).unwrap();
+    assert_eq!((done.first_seq, done.last_seq, done.duplicate), (1, 3, false));
+    append_one(wal, LogName::Kernel, &a[3..]).unwrap();
+    assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 5, hash: a[4].hash, first_seq: 1 });
+    assert_eq!(strip(&wal.read(LogName::Kernel, 1, 100, usize::MAX).unwrap()), strip(&a));
+    assert_eq!(strip(&wal.read(LogName::Kernel, 4, 100, usize::MAX).unwrap()), strip(&a[3..]));
+    assert_eq!(wal.read(LogName::Kernel, 2, 2, usize::MAX).unwrap().len(), 2, "bounded by count");
+    assert_eq!(wal.read(LogName::Kernel, 1, 100, 1).unwrap().len(), 1, "bounded by bytes, at least one");
+    assert!(wal.read(LogName::Kernel, 6, 100, usize::MAX).unwrap().is_empty());
+    // Logs are independent.
+    assert_eq!(wal.head(LogName::Audit).unwrap(), Head::EMPTY);
+    let b = chain((0, Hash::ZERO), 2, "b");
+    append_one(wal, LogName::Audit, &b).unwrap();
+    assert_eq!(wal.head(LogName::Audit).unwrap().seq, 2);
+}
+
+fn an_identical_retry_succeeds_anything_else_conflicts(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 4, "a");
+    append_one(wal, LogName::Kernel, &a[..3]).unwrap();
+    let again = append_one(wal, LogName::Kernel, &a[..3]).unwrap();
+    assert!(again.duplicate, "an identical retry is acknowledged again");
+    let partial = append_one(wal, LogName::Kernel, &a[2..]).unwrap();
+    assert_eq!(
+        (partial.first_seq, partial.last_seq, partial.duplicate),
+        (3, 4, false),
+        "a retry that overlaps commits the rest"
+    );
+    let other = chain((0, Hash::ZERO), 2, "other");
+    assert!(
+        matches!(append_one(wal, LogName::Kernel, &other), Err(Error::Conflict { next_seq: 5, .. })),
+        "different content at a taken sequence"
+    );
+    let gap = chain((6, a[3].hash), 1, "gap");
+    assert!(matches!(append_one(wal, LogName::Kernel, &gap), Err(Error::Conflict { next_seq: 5, .. })), "a gap");
+    let unlinked = chain((4, Hash([7; 32])), 1, "unlinked");
+    assert!(
+        matches!(append_one(wal, LogName::Kernel, &unlinked), Err(Error::Conflict { .. })),
+        "not linked to the head"
+    );
+    assert_eq!(wal.head(LogName::Kernel).unwrap().seq, 4, "refusals change nothing");
+}
+
+fn group_commit_keeps_batches_independent(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 3, "a");
+    let bad = chain((5, Hash::ZERO), 1, "bad");
+    let b = chain((0, Hash::ZERO), 2, "b");
+    let results = wal.append(&[(LogName::Kernel, &a[..]), (LogName::Kernel, &bad[..]), (LogName::Audit, &b[..])]);
+    assert!(results[0].is_ok() && results[1].is_err() && results[2].is_ok(), "{results:?}");
+    // Two batches of one log in one commit chain onto each other.
+    let c = chain(head_of(&a), 4, "c");
+    let results = wal.append(&[(LogName::Kernel, &c[..2]), (LogName::Kernel, &c[2..])]);
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert_eq!(wal.head(LogName::Kernel).unwrap().seq, 7);
+}
+
+fn queries_find_events_by_entity_type_and_time(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 9, "a");
+    append_one(wal, LogName::Kernel, &a).unwrap();
+    let all = |q: Query| wal.query(LogName::Kernel, &Query { limit: 100, ..q }).unwrap();
+    let by_entity = all(Query { entity: Some("a1".into()), ..Query::default() });
+    assert_eq!(by_entity.iter().map(|h| (h.seq, h.idx)).collect::<Vec<_>>(), [(1, 0), (4, 0), (7, 0)]);
+    let by_type = all(Query { event_type: Some("task.failed".into()), ..Query::default() });
+    assert_eq!(by_type.len(), 9);
+    assert!(by_type.iter().all(|h| h.idx == 1));
+    let by_time = all(Query { from_time_us: Some(3_000), to_time_us: Some(5_000), ..Query::default() });
+    assert_eq!(by_time.iter().map(|h| h.seq).collect::<Vec<_>>(), [3, 3, 4, 4]);
+    let page = wal.query(LogName::Kernel, &Query { limit: 3, ..Query::default() }).unwrap();
+    assert_eq!(page.iter().map(|h| (h.seq, h.idx)).collect::<Vec<_>>(), [(1, 0), (1, 1), (2, 0)]);
+    let next = all(Query { after: Some((2, 0)), event_type: Some("agent.spawned".into()), ..Query::default() });
+    assert_eq!(next.first().map(|h| (h.seq, h.idx)), Some((3, 0)), "paging resumes after the address");
+    assert_eq!(next[0].time_us, 3_000);
+}
+
+fn snapshots_complete_then_allow_compaction(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 6, "a");
+    append_one(wal, LogName::Kernel, &a).unwrap();
+    let state = Hash([9; 32]);
+    let chunk = |i: u32| SnapshotChunk { seq: 4, state_hash: state, chunk: i, chunks: 2, data: vec![i as u8; 10] };
+    assert!(!wal.put_snapshot_chunk(LogName::Kernel, chunk(1)).unwrap());
+    assert_eq!(wal.snapshot_chunk(LogName::Kernel, None, 0).unwrap(), None, "an incomplete snapshot is invisible");
+    assert!(
+        matches!(wal.compact(LogName::Kernel, 2), Err(Error::Invalid(_))),
+        "no compaction without a complete snapshot"
+    );
+    assert!(wal.put_snapshot_chunk(LogName::Kernel, chunk(0)).unwrap());
+    assert_eq!(wal.snapshot_chunk(LogName::Kernel, None, 1).unwrap(), Some(chunk(1)));
+    assert_eq!(wal.snapshot_chunk(LogName::Kernel, Some(3), 0).unwrap(), None, "none at or before 3");
+    assert!(matches!(
+        wal.put_snapshot_chunk(LogName::Kernel, SnapshotChunk { chunk: 2, ..chunk(0) }),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        wal.put_snapshot_chunk(LogName::Kernel, SnapshotChunk { state_hash: Hash::ZERO, ..chunk(0) }),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(
+        wal.put_snapshot_chunk(LogName::Kernel, SnapshotChunk { seq: 9, ..chunk(0) }),
+        Err(Error::Invalid(_))
+    ));
+    assert!(matches!(wal.compact(LogName::Kernel, 5), Err(Error::Invalid(_))), "not past the snapshot");
+    assert_eq!(wal.compact(LogName::Kernel, 4).unwrap(), 4);
+    assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 6, hash: a[5].hash, first_seq: 5 });
+    assert_eq!(wal.read(LogName::Kernel, 1, 100, usize::MAX).unwrap()[0].seq, 5);
+    // The log goes on after compaction; a retry of a compacted record is refused, not guessed.
+    let more = chain(head_of(&a), 1, "more");
+    append_one(wal, LogName::Kernel, &more).unwrap();
+    assert!(matches!(append_one(wal, LogName::Kernel, &a[..1]), Err(Error::Conflict { .. })));
+}
+
+fn publishing_progress_is_kept(wal: &mut dyn Wal) {
+    assert_eq!(wal.published(LogName::Kernel).unwrap(), 0);
+    wal.set_published(LogName::Kernel, 12).unwrap();
+    assert_eq!(wal.published(LogName::Kernel).unwrap(), 12);
+    assert_eq!(wal.published(LogName::Audit).unwrap(), 0);
+}
+
+/// A conformance case: a name and a check run on a fresh WAL.
+type Case = (&'static str, fn(&mut dyn Wal));
+
+/// Every case, each on a fresh WAL from `new`.
+fn suite(mut new: impl FnMut() -> Box<dyn Wal>) {
+    let cases: [Case; 6] = [
+        ("appends_are_contiguous_and_read_back", appends_are_contiguous_and_read_back),
+        ("an_identical_retry_succeeds_anything_else_conflicts", an_identical_retry_succeeds_anything_else_conflicts),
+        ("group_commit_keeps_batches_independent", group_commit_keeps_batches_independent),
+        ("queries_find_events_by_entity_type_and_time", queries_find_events_by_entity_type_and_time),
+        ("snapshots_complete_then_allow_compaction", snapshots_complete_then_allow_compaction),
+        ("publishing_progress_is_kept", publishing_progress_is_kept),
+    ];
+    for (name, case) in cases {
+        let mut wal = new();
+        eprintln!("conformance[{}]: {name}", wal.backend());
+        case(wal.as_mut());
+    }
+}
+
+/// A directory removed on drop.
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "toka-wal-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn memory_conforms() {
+    suite(|| Box::new(MemoryWal::new()));
+}
+
+#[test]
+fn sqlite_conforms() {
+    let dirs = std::cell::RefCell::new(Vec::new());
+    suite(|| {
+        let dir = TempDir::new("conformance");
+        let wal = SqliteWal::open(&dir.0).unwrap();
+        dirs.borrow_mut().push(dir);
+        Box::new(wal)
+    });
+}
+
+#[test]
+fn sqlite_keeps_what_it_acknowledged_across_a_reopen() {
+    let dir = TempDir::new("reopen");
+    let a = chain((0, Hash::ZERO), 3, "a");
+    {
+        let mut wal = SqliteWal::open(&dir.0).unwrap();
+        assert_eq!(wal.synchronous().unwrap(), 2, "synchronous=FULL: every commit is fsynced");
+        append_one(&mut wal, LogName::Kernel, &a).unwrap();
+        wal.set_published(LogName::Kernel, 2).unwrap();
+    }
+    let wal = SqliteWal::open(&dir.0).unwrap();
+    assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 3, hash: a[2].hash, first_seq: 1 });
+    assert_eq!(strip(&wal.read(LogName::Kernel, 1, 10, usize::MAX).unwrap()), strip(&a));
+    assert_eq!(wal.published(LogName::Kernel).unwrap(), 2);
+}
+
+#[test]
+fn sqlite_admits_one_process_per_data_directory() {
+    let dir = TempDir::new("lock");
+    let _first = SqliteWal::open(&dir.0).unwrap();
+    let second = SqliteWal::open(&dir.0).unwrap_err();
+    assert!(second.to_string().contains("in use by another toka-storage process"), "{second}");
+}

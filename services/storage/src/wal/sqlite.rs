@@ -1,0 +1,408 @@
+//! The SQLite backend, the embedded default.
+//!
+//! One database file per data directory (`wal.sqlite3`), in WAL journal mode with
+//! `synchronous=FULL`: a commit returns only after its frames are fsynced, so an acknowledged
+//! append survives a crash or power loss. Many batches share one transaction (group commit);
+//! each batch has a savepoint of its own, so a conflicting batch does not fail the others. A lock
+//! file (`LOCK`, held for the process's life) keeps a second process off the same directory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension as _, params};
+use toka_shared::record::{Hash, LogName};
+
+use super::{Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, plan_append};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS records (
+    log TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL, prev_hash BLOB NOT NULL,
+    time_us INTEGER NOT NULL, body BLOB NOT NULL,
+    PRIMARY KEY (log, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    log TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, type TEXT NOT NULL,
+    entity TEXT, time_us INTEGER NOT NULL,
+    PRIMARY KEY (log, seq, idx)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_entity ON events (log, entity, seq, idx);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (log, type, seq, idx);
+CREATE TABLE IF NOT EXISTS logs (
+    log TEXT PRIMARY KEY, compacted_seq INTEGER NOT NULL DEFAULT 0,
+    compacted_hash BLOB, published_seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS snapshots (
+    log TEXT NOT NULL, seq INTEGER NOT NULL, state_hash BLOB NOT NULL, chunks INTEGER NOT NULL,
+    PRIMARY KEY (log, seq));
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    log TEXT NOT NULL, seq INTEGER NOT NULL, chunk INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (log, seq, chunk)) WITHOUT ROWID;
+";
+
+fn io(e: impl std::fmt::Display) -> Error {
+    Error::Io(e.to_string())
+}
+
+fn hash_of(bytes: Vec<u8>) -> Result<Hash, Error> {
+    <[u8; 32]>::try_from(bytes).map(Hash).map_err(|_| Error::Corrupt("a stored hash is not 32 bytes".into()))
+}
+
+fn seq_i64(seq: u64) -> Result<i64, Error> {
+    i64::try_from(seq).map_err(|_| Error::Invalid(format!("sequence {seq} is out of range")))
+}
+
+/// The SQLite WAL of one data directory.
+#[derive(Debug)]
+pub struct SqliteWal {
+    conn: Connection,
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl SqliteWal {
+    /// Opens (creating if needed) the WAL in `dir`. Fails fast if another process holds it.
+    pub fn open(dir: &Path) -> Result<SqliteWal, Error> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::Io(format!("{}: {e}", lock_path.display())))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(Error::Io(format!(
+                    "{} is in use by another toka-storage process (one process per data directory)",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(format!("{}: {e}", lock_path.display()))),
+        }
+        let conn = Connection::open(dir.join("wal.sqlite3")).map_err(io)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;").map_err(io)?;
+        conn.execute_batch(SCHEMA).map_err(io)?;
+        let wal = SqliteWal { conn, dir: dir.to_owned(), _lock: lock };
+        if wal.synchronous()? != 2 {
+            return Err(Error::Io("synchronous is not FULL".into()));
+        }
+        Ok(wal)
+    }
+
+    /// The `synchronous` pragma in force (2 = FULL: every commit is fsynced).
+    pub fn synchronous(&self) -> Result<i64, Error> {
+        self.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).map_err(io)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn head_in(conn: &Connection, log: LogName) -> Result<Head, Error> {
+        let last: Option<(i64, Vec<u8>)> = conn
+            .prepare_cached("SELECT seq, hash FROM records WHERE log = ?1 ORDER BY seq DESC LIMIT 1")
+            .and_then(|mut s| s.query_row([log.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(io)?;
+        let compacted: Option<(i64, Option<Vec<u8>>)> = conn
+            .prepare_cached("SELECT compacted_seq, compacted_hash FROM logs WHERE log = ?1")
+            .and_then(|mut s| s.query_row([log.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .map_err(io)?;
+        let (compacted_seq, compacted_hash) = match compacted {
+            Some((seq, Some(hash))) if seq > 0 => (seq as u64, Some(hash_of(hash)?)),
+            _ => (0, None),
+        };
+        Ok(match (last, compacted_hash) {
+            (Some((seq, hash)), _) => Head { seq: seq as u64, hash: hash_of(hash)?, first_seq: compacted_seq + 1 },
+            (None, Some(hash)) => Head { seq: compacted_seq, hash, first_seq: compacted_seq + 1 },
+            (None, None) => Head::EMPTY,
+        })
+    }
+
+    fn append_one(tx: &Connection, log: LogName, batch: &[StoredRecord]) -> Result<Appended, Error> {
+        let head = Self::head_in(tx, log)?;
+        let committed = plan_append(head, batch, |seq| {
+            let hash: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT hash FROM records WHERE log = ?1 AND seq = ?2")
+                .and_then(|mut s| {
+                    s.query_row(params![log.as_str(), seq_i64(seq).unwrap_or(i64::MAX)], |r| r.get(0)).optional()
+                })
+                .map_err(io)?;
+            hash.map(hash_of).transpose()
+        })?;
+        let mut insert = tx
+            .prepare_cached(
+                "INSERT INTO records (log, seq, hash, prev_hash, time_us, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(io)?;
+        let mut index = tx
+            .prepare_cached("INSERT INTO events (log, seq, idx, type, entity, time_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .map_err(io)?;
+        for r in &batch[committed..] {
+            let seq = seq_i64(r.seq)?;
+            let time = seq_i64(r.time_us)?;
+            insert.execute(params![log.as_str(), seq, &r.hash.0[..], &r.prev_hash.0[..], time, &r.body]).map_err(io)?;
+            for (idx, key) in r.events.iter().enumerate() {
+                index.execute(params![log.as_str(), seq, idx as i64, key.event_type, key.entity, time]).map_err(io)?;
+            }
+        }
+        let (first, last) = (&batch[0], &batch[batch.len() - 1]);
+        Ok(Appended {
+            first_seq: first.seq,
+            last_seq: last.seq,
+            last_hash: last.hash,
+            duplicate: committed == batch.len(),
+        })
+    }
+}
+
+impl Wal for SqliteWal {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn append(&mut self, batches: &[(LogName, &[StoredRecord])]) -> Vec<Result<Appended, Error>> {
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => return batches.iter().map(|_| Err(io(&e))).collect(),
+        };
+        let mut results = Vec::with_capacity(batches.len());
+        for (log, batch) in batches {
+            let result = (|| {
+                tx.execute_batch("SAVEPOINT batch").map_err(io)?;
+                match Self::append_one(&tx, *log, batch) {
+                    Ok(a) => {
+                        tx.execute_batch("RELEASE batch").map_err(io)?;
+                        Ok(a)
+                    }
+                    Err(e) => {
+                        tx.execute_batch("ROLLBACK TO batch; RELEASE batch").map_err(io)?;
+                        Err(e)
+                    }
+                }
+            })();
+            results.push(result);
+        }
+        // The commit is the durability point: with synchronous=FULL it returns after fsync.
+        if let Err(e) = tx.commit() {
+            let e = io(e);
+            return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+        }
+        results
+    }
+
+    fn read(
+        &self,
+        log: LogName,
+        from_seq: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, hash, prev_hash, time_us, body FROM records WHERE log = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3")
+            .map_err(io)?;
+        let mut rows = stmt.query(params![log.as_str(), seq_i64(from_seq)?, max_records as i64]).map_err(io)?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.next().map_err(io)? {
+            let body: Vec<u8> = row.get(4).map_err(io)?;
+            if !out.is_empty() && bytes + body.len() > max_bytes {
+                break;
+            }
+            bytes += body.len();
+            out.push(StoredRecord {
+                seq: row.get::<_, i64>(0).map_err(io)? as u64,
+                hash: hash_of(row.get(1).map_err(io)?)?,
+                prev_hash: hash_of(row.get(2).map_err(io)?)?,
+                time_us: row.get::<_, i64>(3).map_err(io)? as u64,
+                body,
+                events: Vec::new(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn head(&self, log: LogName) -> Result<Head, Error> {
+        Self::head_in(&self.conn, log)
+    }
+
+    fn query(&self, log: LogName, q: &Query) -> Result<Vec<Hit>, Error> {
+        let (after_seq, after_idx) = q.after.map_or((0, -1), |(s, i)| (seq_i64(s).unwrap_or(i64::MAX), i64::from(i)));
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, idx, time_us FROM events WHERE log = ?1
+                   AND (?2 IS NULL OR entity = ?2) AND (?3 IS NULL OR type = ?3)
+                   AND (?4 IS NULL OR time_us >= ?4) AND (?5 IS NULL OR time_us < ?5)
+                   AND (seq > ?6 OR (seq = ?6 AND idx > ?7))
+                 ORDER BY seq, idx LIMIT ?8",
+            )
+            .map_err(io)?;
+        let from = q.from_time_us.map(seq_i64).transpose()?;
+        let to = q.to_time_us.map(seq_i64).transpose()?;
+        let rows = stmt
+            .query_map(
+                params![log.as_str(), q.entity, q.event_type, from, to, after_seq, after_idx, q.limit as i64],
+                |r| {
+                    Ok(Hit {
+                        seq: r.get::<_, i64>(0)? as u64,
+                        idx: r.get::<_, i64>(1)? as u16,
+                        time_us: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .map_err(io)?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(io)
+    }
+
+    fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
+        if c.chunk >= c.chunks {
+            return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
+        }
+        let head = self.head(log)?;
+        if c.seq > head.seq {
+            return Err(Error::Invalid(format!("snapshot at {} is past the head {}", c.seq, head.seq)));
+        }
+        let tx = self.conn.transaction().map_err(io)?;
+        let seq = seq_i64(c.seq)?;
+        let existing: Option<(Vec<u8>, i64)> = tx
+            .query_row(
+                "SELECT state_hash, chunks FROM snapshots WHERE log = ?1 AND seq = ?2",
+                params![log.as_str(), seq],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(io)?;
+        match existing {
+            Some((hash, chunks)) if hash != c.state_hash.0 || chunks != i64::from(c.chunks) => {
+                return Err(Error::Invalid(format!(
+                    "snapshot at {} was started with another hash or chunk count",
+                    c.seq
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tx.execute(
+                    "INSERT INTO snapshots (log, seq, state_hash, chunks) VALUES (?1, ?2, ?3, ?4)",
+                    params![log.as_str(), seq, &c.state_hash.0[..], c.chunks],
+                )
+                .map_err(io)?;
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO snapshot_chunks (log, seq, chunk, data) VALUES (?1, ?2, ?3, ?4)",
+            params![log.as_str(), seq, c.chunk, c.data],
+        )
+        .map_err(io)?;
+        let have: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM snapshot_chunks WHERE log = ?1 AND seq = ?2",
+                params![log.as_str(), seq],
+                |r| r.get(0),
+            )
+            .map_err(io)?;
+        tx.commit().map_err(io)?;
+        Ok(have == i64::from(c.chunks))
+    }
+
+    fn snapshot_chunk(
+        &self,
+        log: LogName,
+        at_or_before: Option<u64>,
+        chunk: u32,
+    ) -> Result<Option<SnapshotChunk>, Error> {
+        let limit = seq_i64(at_or_before.unwrap_or(i64::MAX as u64))?;
+        let newest: Option<(i64, Vec<u8>, u32)> = self
+            .conn
+            .query_row(
+                "SELECT s.seq, s.state_hash, s.chunks FROM snapshots s WHERE s.log = ?1 AND s.seq <= ?2
+                   AND (SELECT count(*) FROM snapshot_chunks c WHERE c.log = s.log AND c.seq = s.seq) = s.chunks
+                 ORDER BY s.seq DESC LIMIT 1",
+                params![log.as_str(), limit],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(io)?;
+        let Some((seq, state_hash, chunks)) = newest else { return Ok(None) };
+        let data: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT data FROM snapshot_chunks WHERE log = ?1 AND seq = ?2 AND chunk = ?3",
+                params![log.as_str(), seq, chunk],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(io)?;
+        Ok(match data {
+            Some(data) => {
+                Some(SnapshotChunk { seq: seq as u64, state_hash: hash_of(state_hash)?, chunk, chunks, data })
+            }
+            None => None,
+        })
+    }
+
+    fn compact(&mut self, log: LogName, through_seq: u64) -> Result<u64, Error> {
+        let head = self.head(log)?;
+        let newest: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT max(s.seq) FROM snapshots s WHERE s.log = ?1
+                   AND (SELECT count(*) FROM snapshot_chunks c WHERE c.log = s.log AND c.seq = s.seq) = s.chunks",
+                [log.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(io)?;
+        let limit = (newest.unwrap_or(0) as u64).min(head.seq.saturating_sub(1));
+        if through_seq > limit {
+            return Err(Error::Invalid(format!(
+                "can compact through {limit} at most (newest complete snapshot, and the head is kept)"
+            )));
+        }
+        let tx = self.conn.transaction().map_err(io)?;
+        let through = seq_i64(through_seq)?;
+        let last: Option<(i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT seq, hash FROM records WHERE log = ?1 AND seq <= ?2 ORDER BY seq DESC LIMIT 1",
+                params![log.as_str(), through],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(io)?;
+        let removed = tx
+            .execute("DELETE FROM records WHERE log = ?1 AND seq <= ?2", params![log.as_str(), through])
+            .map_err(io)?;
+        tx.execute("DELETE FROM events WHERE log = ?1 AND seq <= ?2", params![log.as_str(), through]).map_err(io)?;
+        if let Some((seq, hash)) = last {
+            tx.execute(
+                "INSERT INTO logs (log, compacted_seq, compacted_hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (log) DO UPDATE SET compacted_seq = ?2, compacted_hash = ?3",
+                params![log.as_str(), seq, hash],
+            )
+            .map_err(io)?;
+        }
+        tx.commit().map_err(io)?;
+        Ok(removed as u64)
+    }
+
+    fn published(&self, log: LogName) -> Result<u64, Error> {
+        let seq: Option<i64> = self
+            .conn
+            .query_row("SELECT published_seq FROM logs WHERE log = ?1", [log.as_str()], |r| r.get(0))
+            .optional()
+            .map_err(io)?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "INSERT INTO logs (log, published_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET published_seq = ?2",
+                params![log.as_str(), seq_i64(seq)?],
+            )
+            .map_err(io)?;
+        Ok(())
+    }
+}

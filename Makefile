@@ -23,7 +23,9 @@ nats-image:
 	@if docker info >/dev/null 2>&1; then scripts/build-nats-image.sh; else echo "docker unavailable: container tests will be skipped"; fi
 
 # The test command the README gives: unit, contract, property and integration tests.
+# The crash tests run the service binaries as processes, so those are built first.
 test: nats-image
+	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
 check: fmt-check clippy

@@ -5,6 +5,9 @@
 //! append survives a crash or power loss. Many batches share one transaction (group commit);
 //! each batch has a savepoint of its own, so a conflicting batch does not fail the others. A lock
 //! file (`LOCK`, held for the process's life) keeps a second process off the same directory.
+//!
+//! A data directory on a read-only mount is opened read-only: reads, queries and verification
+//! still work, and every write is refused with an error that says why.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,7 @@ fn seq_i64(seq: u64) -> Result<i64, Error> {
 pub struct SqliteWal {
     conn: Connection,
     dir: PathBuf,
+    read_only: bool,
     _lock: File,
 }
 
@@ -61,12 +65,15 @@ impl SqliteWal {
     pub fn open(dir: &Path) -> Result<SqliteWal, Error> {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("{}: {e}", dir.display())))?;
         let lock_path = dir.join("LOCK");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::Io(format!("{}: {e}", lock_path.display())))?;
+        let (lock, read_only) = match File::options().create(true).truncate(false).write(true).open(&lock_path) {
+            Ok(lock) => (lock, false),
+            Err(e) if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem => {
+                let lock = File::open(&lock_path)
+                    .map_err(|e| Error::Io(format!("{} (read-only): {e}", lock_path.display())))?;
+                (lock, true)
+            }
+            Err(e) => return Err(Error::Io(format!("{}: {e}", lock_path.display()))),
+        };
         match lock.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -77,14 +84,34 @@ impl SqliteWal {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(format!("{}: {e}", lock_path.display()))),
         }
-        let conn = Connection::open(dir.join("wal.sqlite3")).map_err(io)?;
+        let path = dir.join("wal.sqlite3");
+        if read_only {
+            // SQLite cannot take its WAL locks on a read-only file system; with no WAL frames
+            // left to replay, the database file alone is the whole log and opens immutable. A
+            // non-empty WAL file holds committed data only a writable mount can recover.
+            let frames = std::fs::metadata(dir.join("wal.sqlite3-wal")).map(|m| m.len()).unwrap_or(0);
+            if frames > 0 {
+                return Err(Error::Io(format!(
+                    "{} is read-only and its WAL holds {frames} bytes not yet checkpointed; mount it read-write to recover them",
+                    dir.display()
+                )));
+            }
+            let uri = format!("file:{}?immutable=1", path.display());
+            let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                | rusqlite::OpenFlags::SQLITE_OPEN_URI
+                | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
+            tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
+            return Ok(SqliteWal { conn, dir: dir.to_owned(), read_only, _lock: lock });
+        }
+        let conn = Connection::open(&path).map_err(io)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;").map_err(io)?;
         conn.execute_batch(SCHEMA).map_err(io)?;
-        let wal = SqliteWal { conn, dir: dir.to_owned(), _lock: lock };
+        let wal = SqliteWal { conn, dir: dir.to_owned(), read_only, _lock: lock };
         if wal.synchronous()? != 2 {
             return Err(Error::Io("synchronous is not FULL".into()));
         }
@@ -99,6 +126,18 @@ impl SqliteWal {
     /// The data directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Whether the directory is read-only (writes are refused).
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn writable(&self) -> Result<(), Error> {
+        if self.read_only {
+            return Err(Error::Io(format!("{} is on a read-only file system; writes are refused", self.dir.display())));
+        }
+        Ok(())
     }
 
     fn head_in(conn: &Connection, log: LogName) -> Result<Head, Error> {
@@ -164,6 +203,9 @@ impl Wal for SqliteWal {
     }
 
     fn append(&mut self, batches: &[(LogName, &[StoredRecord])]) -> Vec<Result<Appended, Error>> {
+        if let Err(e) = self.writable() {
+            return batches.iter().map(|_| Err(e.clone())).collect();
+        }
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(e) => return batches.iter().map(|_| Err(io(&e))).collect(),
@@ -259,6 +301,7 @@ impl Wal for SqliteWal {
     }
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
+        self.writable()?;
         if c.chunk >= c.chunks {
             return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
         }
@@ -345,6 +388,7 @@ impl Wal for SqliteWal {
     }
 
     fn compact(&mut self, log: LogName, through_seq: u64) -> Result<u64, Error> {
+        self.writable()?;
         let head = self.head(log)?;
         let newest: Option<i64> = self
             .conn
@@ -397,6 +441,7 @@ impl Wal for SqliteWal {
     }
 
     fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error> {
+        self.writable()?;
         self.conn
             .execute(
                 "INSERT INTO logs (log, published_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET published_seq = ?2",

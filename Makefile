@@ -1,7 +1,7 @@
 # The one entry point for humans and CI (.ci/run calls these targets).
 CARGO ?= cargo
 
-.PHONY: all run fmt fmt-check clippy test nats-image check ci bench
+.PHONY: all run fmt fmt-check clippy clippy-fdb test nats-image check ci bench
 
 all: fmt-check clippy test
 
@@ -18,6 +18,10 @@ fmt-check:
 clippy:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# The FoundationDB backend is checked (not linked: no libfdb_c here); needs libclang-dev.
+clippy-fdb:
+	$(CARGO) clippy -p toka-storage --features fdb --all-targets --locked -- -D warnings
+
 # The NATS image the container tests use; skipped (and the tests say so) without Docker.
 nats-image:
 	@if docker info >/dev/null 2>&1; then scripts/build-nats-image.sh; else echo "docker unavailable: container tests will be skipped"; fi
@@ -28,7 +32,7 @@ test: nats-image
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 
-check: fmt-check clippy
+check: fmt-check clippy clippy-fdb
 
 bench:
 	$(CARGO) bench -p toka-kernel --bench apply

@@ -225,7 +225,8 @@ impl Drop for Mounted {
 
 async fn storage_on(nats: &Nats, data_dir: PathBuf) -> Running {
     spawn_service(service::STORAGE, nats, Role::Storage, move |nats, admin, bus, stop| {
-        let storage = toka_storage::StorageConfig { backend: toka_storage::Backend::Sqlite, data_dir };
+        let storage =
+            toka_storage::StorageConfig { backend: toka_storage::Backend::Sqlite, data_dir, ..Default::default() };
         toka_storage::run(toka_storage::Config { nats, admin, storage, ..Default::default() }, bus, stop)
     })
     .await

@@ -49,7 +49,8 @@ fn records_after(after: (u64, Hash), n: u64) -> Vec<KernelRecord> {
 async fn start_storage(nats: &Nats, dir: &Path) -> Running {
     let data_dir = dir.to_owned();
     spawn_service(service::STORAGE, nats, Role::Storage, move |nats, admin, bus, stop| {
-        let storage = toka_storage::StorageConfig { backend: toka_storage::Backend::Sqlite, data_dir };
+        let storage =
+            toka_storage::StorageConfig { backend: toka_storage::Backend::Sqlite, data_dir, ..Default::default() };
         toka_storage::run(toka_storage::Config { nats, admin, storage, ..Default::default() }, bus, stop)
     })
     .await

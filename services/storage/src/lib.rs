@@ -53,6 +53,8 @@ pub enum Backend {
     Sqlite,
     /// In memory: nothing survives a restart; for tests and demos.
     Memory,
+    /// FoundationDB: the distributed engine (needs a build with `--features fdb`).
+    Fdb,
 }
 
 /// The WAL's settings.
@@ -63,11 +65,20 @@ pub struct StorageConfig {
     pub backend: Backend,
     /// Where the SQLite backend keeps its files.
     pub data_dir: PathBuf,
+    /// The FoundationDB cluster file (the client's default when absent).
+    pub fdb_cluster_file: Option<String>,
+    /// The tuple prefix of Toka's keys in FoundationDB.
+    pub fdb_prefix: String,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { backend: Backend::Sqlite, data_dir: PathBuf::from("data/storage") }
+        StorageConfig {
+            backend: Backend::Sqlite,
+            data_dir: PathBuf::from("data/storage"),
+            fdb_cluster_file: None,
+            fdb_prefix: "toka".to_owned(),
+        }
     }
 }
 
@@ -98,6 +109,9 @@ pub enum Error {
     /// The WAL could not be opened.
     #[error("storage.data_dir: {0}")]
     Wal(#[from] wal::Error),
+    /// The backend asked for is not in this build.
+    #[error("storage.backend = {0}: this build has no such backend (FoundationDB needs `--features fdb`)")]
+    NotBuilt(&'static str),
     /// The WAL thread could not start.
     #[error("cannot start the WAL thread: {0}")]
     Thread(String),
@@ -378,6 +392,12 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     let backend: Box<dyn wal::Wal> = match config.storage.backend {
         Backend::Sqlite => Box::new(wal::sqlite::SqliteWal::open(&config.storage.data_dir)?),
         Backend::Memory => Box::new(wal::memory::MemoryWal::new()),
+        #[cfg(feature = "fdb")]
+        Backend::Fdb => {
+            Box::new(wal::fdb::FdbWal::open(config.storage.fdb_cluster_file.as_deref(), &config.storage.fdb_prefix)?)
+        }
+        #[cfg(not(feature = "fdb"))]
+        Backend::Fdb => return Err(Error::NotBuilt("fdb")),
     };
     tracing::info!(backend = backend.backend(), data_dir = %config.storage.data_dir.display(), "WAL open");
     let (wal, thread) = WalHandle::spawn(backend).map_err(|e| Error::Thread(e.to_string()))?;

@@ -221,6 +221,33 @@ fn sqlite_conforms() {
     });
 }
 
+/// FoundationDB runs the same suite where a cluster is reachable (`FDB_CLUSTER_FILE`), each
+/// case under a prefix of its own.
+#[cfg(feature = "fdb")]
+#[test]
+fn fdb_conforms() {
+    let Ok(cluster) = std::env::var("FDB_CLUSTER_FILE") else {
+        eprintln!("skipped FoundationDB: FDB_CLUSTER_FILE is not set (no cluster reachable)");
+        return;
+    };
+    let run = std::process::id();
+    let mut case = 0;
+    suite(|| {
+        case += 1;
+        Box::new(super::fdb::FdbWal::open(Some(&cluster), &format!("toka-conformance-{run}-{case}")).unwrap())
+    });
+}
+
+#[cfg(not(feature = "fdb"))]
+#[test]
+fn fdb_is_reported_as_skipped() {
+    let built = cfg!(feature = "fdb");
+    eprintln!(
+        "skipped FoundationDB: this build has no fdb backend (cargo test --features fdb, with a cluster in FDB_CLUSTER_FILE)"
+    );
+    assert!(!built);
+}
+
 #[test]
 fn sqlite_keeps_what_it_acknowledged_across_a_reopen() {
     let dir = TempDir::new("reopen");

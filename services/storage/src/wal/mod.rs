@@ -4,6 +4,8 @@
 //! - `sqlite`: the embedded default; WAL journal with `synchronous=FULL`, so an acknowledged
 //!   append has been fsynced; many batches per transaction (group commit); one process per data
 //!   directory.
+//! - `fdb_layout`: FoundationDB's keys, value chunking and transaction splitting, as pure
+//!   functions tested everywhere.
 //!
 //! The service checks records (schema, hash, links) before they reach a backend; a backend
 //! checks only what needs its state: that a batch continues the log's head. Every backend passes
@@ -11,6 +13,9 @@
 
 use toka_shared::record::{Hash, LogName};
 
+#[cfg(feature = "fdb")]
+pub mod fdb;
+pub mod fdb_layout;
 pub mod memory;
 pub mod sqlite;
 

@@ -215,3 +215,26 @@ async fn events_committed_but_not_published_are_published_on_start() {
     assert_eq!(stream.info().await.unwrap().state.messages, 5, "duplicates dropped by the stream");
     storage.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_commit_in_the_order_they_were_sent() {
+    let Some(nats) = Nats::start().await else { return };
+    let dir = TempDir::new("pipeline");
+    let storage = start_storage(&nats, &dir.0).await;
+    let kernel = nats.connect(Role::Kernel).await;
+    let all = records_after((0, Hash::ZERO), 500);
+    // Fifty batches in flight at once, each continuing the one before.
+    let requests: Vec<_> = all.chunks(10).map(append_request).collect();
+    let replies = futures::future::join_all(
+        requests.iter().map(|r| kernel.request::<_, AppendReply>(subject::append(LogName::Kernel).subject, r)),
+    )
+    .await;
+    for (i, reply) in replies.into_iter().enumerate() {
+        let reply = reply.unwrap_or_else(|e| panic!("batch {i}: {e}"));
+        assert_eq!((reply.first_seq, reply.last_seq), (i as u64 * 10 + 1, i as u64 * 10 + 10));
+    }
+    let head: HeadReply =
+        kernel.request(subject::STORAGE_HEAD.subject, &HeadRequest { log: LogName::Kernel }).await.unwrap();
+    assert_eq!((head.seq, head.hash), (500, all[499].hash));
+    storage.stop().await.unwrap();
+}

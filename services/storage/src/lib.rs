@@ -170,15 +170,19 @@ async fn on_wal<T: Send + 'static>(
     wal.call(f).await.map_err(busy)?.map_err(wal_error)
 }
 
-async fn append(wal: &WalHandle, log: LogName, body: Value) -> Result<AppendReply, WireError> {
-    let records = ingest::checked_records(&body)?;
-    let appended = wal.append(log, records).await.map_err(busy)?.map_err(wal_error)?;
-    Ok(AppendReply {
-        first_seq: appended.first_seq,
-        last_seq: appended.last_seq,
-        last_hash: appended.last_hash,
-        duplicate: appended.duplicate,
-    })
+/// Checks and queues an append at once, in arrival order (a pipelining client's batches reach
+/// the WAL in the order it sent them), and returns the wait for its commit.
+fn append(wal: &WalHandle, log: LogName, body: Value) -> impl Future<Output = Result<AppendReply, WireError>> + use<> {
+    let queued = ingest::checked_records(&body).and_then(|records| wal.append(log, records).map_err(busy));
+    async move {
+        let appended = queued?.await.map_err(busy)?.map_err(wal_error)?;
+        Ok(AppendReply {
+            first_seq: appended.first_seq,
+            last_seq: appended.last_seq,
+            last_hash: appended.last_hash,
+            duplicate: appended.duplicate,
+        })
+    }
 }
 
 fn parse(body: &[u8], seq: u64) -> Result<Value, WireError> {
@@ -328,17 +332,9 @@ async fn status(wal: &WalHandle) -> Result<StatusReply, WireError> {
 /// Registers every storage endpoint on `host`.
 async fn serve_endpoints(host: &mut Host, wal: &WalHandle) -> Result<(), host::Error> {
     let w = wal.clone();
-    host.endpoint(subject::STORAGE_APPEND_KERNEL, move |req: KernelAppend| {
-        let w = w.clone();
-        async move { append(&w, LogName::Kernel, req.0).await }
-    })
-    .await?;
+    host.endpoint(subject::STORAGE_APPEND_KERNEL, move |req: KernelAppend| append(&w, LogName::Kernel, req.0)).await?;
     let w = wal.clone();
-    host.endpoint(subject::STORAGE_APPEND_AUDIT, move |req: AuditAppend| {
-        let w = w.clone();
-        async move { append(&w, LogName::Audit, req.0).await }
-    })
-    .await?;
+    host.endpoint(subject::STORAGE_APPEND_AUDIT, move |req: AuditAppend| append(&w, LogName::Audit, req.0)).await?;
     let w = wal.clone();
     host.endpoint(subject::STORAGE_READ, move |req: ReadRequest| {
         let w = w.clone();

@@ -3,6 +3,7 @@
 //! durable transaction (group commit): the more callers append at once, the fewer fsyncs per
 //! record. When the queue is full, callers are told to retry instead of piling up.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use toka_shared::record::LogName;
@@ -96,14 +97,19 @@ impl WalHandle {
         self.appended.clone()
     }
 
-    /// Appends `records` to `log`; resolves once they are durable.
-    pub async fn append(&self, log: LogName, records: Vec<StoredRecord>) -> Result<Result<Appended, Error>, Busy> {
+    /// Queues `records` for `log` now (so appends keep the order they were queued in) and
+    /// returns a future that resolves once they are durable.
+    pub fn append(
+        &self,
+        log: LogName,
+        records: Vec<StoredRecord>,
+    ) -> Result<impl Future<Output = Result<Result<Appended, Error>, Busy>> + use<>, Busy> {
         let (reply, result) = oneshot::channel();
         self.tx.try_send(Command::Append(log, records, reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Busy::Full,
             mpsc::error::TrySendError::Closed(_) => Busy::Closed,
         })?;
-        result.await.map_err(|_| Busy::Closed)
+        Ok(async move { result.await.map_err(|_| Busy::Closed) })
     }
 
     /// Runs `f` on the WAL thread, after the appends queued before it are committed.

@@ -1,6 +1,8 @@
 //! The NATS services-API host every service runs its endpoints in, and the admin HTTP probes.
 //!
-//! An endpoint is a typed async function `Req -> Result<Rep, WireError>`. The host decodes and
+//! An endpoint is a typed function `Req -> impl Future<Output = Result<Rep, WireError>>`,
+//! called in the order requests arrive (what it does before its first `.await` keeps that
+//! order; the futures then run concurrently). The host decodes and
 //! validates the request against its schema (a failure is a `bad_request` naming the schema
 //! and pointer), runs the handler in a span that continues the caller's trace, and replies with
 //! a JSON body plus the services-API error headers and the span's `traceparent`. At most
@@ -274,10 +276,11 @@ impl Host {
                     shared.metrics.observe(endpoint.name, busy.code.as_str(), Duration::ZERO);
                     continue;
                 };
-                let (shared, handler) = (shared.clone(), handler.clone());
+                let begun = begin::<Req, _, _>(endpoint, &request, &*handler);
+                let shared = shared.clone();
+                shared.metrics.in_flight.inc();
                 in_flight.spawn(async move {
-                    shared.metrics.in_flight.inc();
-                    serve::<Req, Rep, _, _>(endpoint, &request, &*handler, &shared, max_payload).await;
+                    finish::<Rep, _>(endpoint, &request, begun, &shared, max_payload).await;
                     shared.metrics.in_flight.dec();
                     drop(permit);
                 });
@@ -340,17 +343,19 @@ async fn respond(request: &async_nats::service::Request, parts: &ReplyParts, tra
     }
 }
 
-async fn serve<Req, Rep, F, Fut>(
-    endpoint: Endpoint,
-    request: &async_nats::service::Request,
-    handler: &F,
-    shared: &Shared,
-    max_payload: usize,
-) where
+/// A request whose handler has been called (in arrival order) and whose reply is pending.
+struct Begun<Fut> {
+    span: tracing::Span,
+    started: Instant,
+    work: Result<Fut, WireError>,
+}
+
+/// Decodes the request and calls the handler, synchronously: whatever a handler does before
+/// its first `.await` (storage enqueues appends there) happens in the order requests arrived.
+fn begin<Req, F, Fut>(endpoint: Endpoint, request: &async_nats::service::Request, handler: &F) -> Begun<Fut>
+where
     Req: Contract,
-    Rep: ReplyContract,
     F: Fn(Req) -> Fut,
-    Fut: Future<Output = Result<Rep, WireError>>,
 {
     let span = tracing::info_span!(
         "nats.process",
@@ -362,14 +367,33 @@ async fn serve<Req, Rep, F, Fut>(
         toka.reply_code = tracing::field::Empty,
     );
     observe::adopt(&span, request.message.headers.as_ref());
+    let started = Instant::now();
+    let work = span.in_scope(|| match schema::decode::<Req>(&request.message.payload) {
+        Ok(req) => Ok(handler(req)),
+        Err(DecodeError::Schema(e)) => Err(e.into()),
+        Err(DecodeError::Json(e)) => {
+            Err(WireError::new(ErrorCode::BadRequest, format!("request body is not JSON: {e}")))
+        }
+    });
+    Begun { span, started, work }
+}
+
+/// Awaits the handler's result and replies.
+async fn finish<Rep, Fut>(
+    endpoint: Endpoint,
+    request: &async_nats::service::Request,
+    begun: Begun<Fut>,
+    shared: &Shared,
+    max_payload: usize,
+) where
+    Rep: ReplyContract,
+    Fut: Future<Output = Result<Rep, WireError>>,
+{
+    let Begun { span, started, work } = begun;
     async {
-        let started = Instant::now();
-        let reply: Reply<Rep> = match schema::decode::<Req>(&request.message.payload) {
-            Ok(req) => handler(req).await.into(),
-            Err(DecodeError::Schema(e)) => Reply::Error(e.into()),
-            Err(DecodeError::Json(e)) => {
-                Reply::Error(WireError::new(ErrorCode::BadRequest, format!("request body is not JSON: {e}")))
-            }
+        let reply: Reply<Rep> = match work {
+            Ok(fut) => fut.await.into(),
+            Err(e) => Reply::Error(e),
         };
         let mut parts = ReplyParts::of(&reply);
         if parts.body.len() > max_payload {

@@ -4,6 +4,9 @@
 //!   0600, never overwritten), the server configuration with least-privilege permissions, and a
 //!   configuration file per service pointing at its credentials.
 //! - `toka ping`: which Toka services answer the NATS services API's `$SRV.PING`.
+//! - `toka load storage`: durable appends through NATS, with throughput and latency percentiles.
+
+mod load;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +60,17 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         wait_ms: u64,
     },
+    /// Load generators: bounded runs that print their configuration, progress, throughput and
+    /// latency percentiles.
+    #[command(subcommand)]
+    Load(Load),
+}
+
+#[derive(Debug, Subcommand)]
+enum Load {
+    /// Durable appends to storage's kernel log through NATS (run against a stack with no kernel
+    /// writing, e.g. `make run` with the kernel stopped, or a fresh storage).
+    Storage(load::StorageLoad),
 }
 
 const SERVICES: [(Role, &str); 4] =
@@ -140,6 +154,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ping(&nats_url, &creds, wait_ms))),
+        Command::Load(Load::Storage(load)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(load::storage(load))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

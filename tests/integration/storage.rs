@@ -158,6 +158,14 @@ async fn appends_are_durable_idempotent_and_published() {
     let chunk: SnapshotGetReply = kernel.request(subject::STORAGE_SNAPSHOT_GET.subject, &get).await.unwrap();
     assert_eq!((chunk.seq, chunk.chunks, chunk.data.as_str()), (3, 2, "c25hcHNob3Q="));
 
+    // The progress marker follows the acknowledgements of the stream, a moment after them.
+    crate::assert_eventually!(
+        Duration::from_secs(10),
+        telemetry.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
+            .published_seq
+            == 3,
+        "published through 3"
+    );
     let status: StatusReply = telemetry.request(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap();
     assert_eq!(status.backend, "sqlite");
     let kernel_log = status.logs.iter().find(|l| l.log == LogName::Kernel).unwrap();
@@ -174,6 +182,14 @@ async fn events_committed_but_not_published_are_published_on_start() {
     let first = records_after((0, Hash::ZERO), 2);
     let _: AppendReply =
         kernel.request(subject::append(LogName::Kernel).subject, &append_request(&first)).await.unwrap();
+    let observer = nats.connect(Role::Telemetry).await;
+    crate::assert_eventually!(
+        Duration::from_secs(10),
+        observer.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
+            .published_seq
+            == 2,
+        "the first two records published"
+    );
     storage.stop().await.unwrap();
 
     // Records committed while storage was down to publish them (as after a crash between the

@@ -3,7 +3,8 @@
 //! One database file per data directory (`wal.sqlite3`), in WAL journal mode with
 //! `synchronous=FULL`: a commit returns only after its frames are fsynced, so an acknowledged
 //! append survives a crash or power loss. Many batches share one transaction (group commit);
-//! each batch has a savepoint of its own, so a conflicting batch does not fail the others. A lock
+//! each batch has a savepoint of its own, so a conflicting batch does not fail the others.
+//! Checkpoints run beside the writer, on their own thread and connection. A lock
 //! file (`LOCK`, held for the process's life) keeps a second process off the same directory.
 //!
 //! A data directory on a read-only mount is opened read-only: reads, queries and verification
@@ -26,7 +27,7 @@ CREATE TABLE IF NOT EXISTS events (
     log TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, type TEXT NOT NULL,
     entity TEXT, time_us INTEGER NOT NULL,
     PRIMARY KEY (log, seq, idx)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_entity ON events (log, entity, seq, idx);
+CREATE INDEX IF NOT EXISTS events_by_entity ON events (log, entity, seq, idx) WHERE entity IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_by_type ON events (log, type, seq, idx);
 CREATE TABLE IF NOT EXISTS logs (
     log TEXT PRIMARY KEY, compacted_seq INTEGER NOT NULL DEFAULT 0,
@@ -57,7 +58,52 @@ pub struct SqliteWal {
     conn: Connection,
     dir: PathBuf,
     read_only: bool,
+    _checkpointer: Option<Checkpointer>,
     _lock: File,
+}
+
+/// Copies committed WAL frames into the database file from a thread and connection of its own
+/// (a passive checkpoint never blocks the writer), so appends do not pay for checkpoints.
+/// Durability does not depend on it: a commit is durable once its WAL frames are fsynced.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn start(path: &Path) -> Result<Checkpointer, Error> {
+        use std::sync::atomic::Ordering;
+        let conn = Connection::open(path).map_err(io)?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=1000;").map_err(io)?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("toka-wal-checkpoint".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Self::INTERVAL);
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
+                    }
+                }
+                // A last full pass, so a clean stop leaves a small WAL behind.
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            })
+            .map_err(io)?;
+        Ok(Checkpointer { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl SqliteWal {
@@ -102,16 +148,17 @@ impl SqliteWal {
                 | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
             tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
-            return Ok(SqliteWal { conn, dir: dir.to_owned(), read_only, _lock: lock });
+            return Ok(SqliteWal { conn, dir: dir.to_owned(), read_only, _checkpointer: None, _lock: lock });
         }
         let conn = Connection::open(&path).map_err(io)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;").map_err(io)?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY;").map_err(io)?;
         conn.execute_batch(SCHEMA).map_err(io)?;
-        let wal = SqliteWal { conn, dir: dir.to_owned(), read_only, _lock: lock };
+        let checkpointer = Some(Checkpointer::start(&path)?);
+        let wal = SqliteWal { conn, dir: dir.to_owned(), read_only, _checkpointer: checkpointer, _lock: lock };
         if wal.synchronous()? != 2 {
             return Err(Error::Io("synchronous is not FULL".into()));
         }

@@ -193,6 +193,11 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
     eprintln!("crash test: {ROUNDS} SIGKILLs, {} records acknowledged, {head_seq} kept", acknowledged.len());
     child.kill().unwrap();
     child.wait().unwrap();
+    // SIGKILL keeps the page cache, so surviving it proves ordering, not fsync. The durability
+    // comes from the WAL's settings, which the service cannot run without: the backend it opens
+    // refuses anything but synchronous=FULL, and reports it.
+    let wal = toka_storage::wal::sqlite::SqliteWal::open(&dir.0).unwrap();
+    assert_eq!(wal.synchronous().unwrap(), 2, "synchronous=FULL: every commit is fsynced before its reply");
 }
 
 /// Runs `mount` with `args`; `false` (after printing why) where mounting is not permitted.

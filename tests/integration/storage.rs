@@ -254,3 +254,55 @@ async fn pipelined_appends_commit_in_the_order_they_were_sent() {
     assert_eq!((head.seq, head.hash), (500, all[499].hash));
     storage.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_removes_what_a_snapshot_covers_when_enabled() {
+    let Some(nats) = Nats::start().await else { return };
+    let dir = TempDir::new("compact");
+    let data_dir = dir.0.clone();
+    let storage = spawn_service(service::STORAGE, &nats, Role::Storage, move |nats, admin, bus, stop| {
+        let storage = toka_storage::StorageConfig {
+            data_dir,
+            compact_keep_records: Some(1),
+            compact_interval_ms: 50,
+            ..Default::default()
+        };
+        toka_storage::run(toka_storage::Config { nats, admin, storage, ..Default::default() }, bus, stop)
+    })
+    .await;
+    let kernel = nats.connect(Role::Kernel).await;
+    let records = records_after((0, Hash::ZERO), 6);
+    let _: AppendReply =
+        kernel.request(subject::append(LogName::Kernel).subject, &append_request(&records)).await.unwrap();
+    let put = SnapshotPutRequest {
+        log: LogName::Kernel,
+        seq: 4,
+        state_hash: Hash([3; 32]),
+        chunk: 0,
+        chunks: 1,
+        data: "AA==".into(),
+    };
+    let _: SnapshotPutReply = kernel.request(subject::STORAGE_SNAPSHOT_PUT.subject, &put).await.unwrap();
+    let operator = nats.connect(Role::Operator).await;
+    crate::assert_eventually!(
+        Duration::from_secs(10),
+        operator.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
+            .first_seq
+            == 4,
+        "compacted through 3 (snapshot at 4, keeping 1 record before it)"
+    );
+    let read: ReadReply<Operation> = operator
+        .request(
+            subject::STORAGE_READ.subject,
+            &ReadRequest { log: LogName::Kernel, from_seq: 1, max_records: 10, max_bytes: 900_000 },
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.records, records[3..]);
+    let verified: VerifyReply = operator
+        .request(subject::STORAGE_VERIFY.subject, &VerifyRequest { log: LogName::Kernel, from_seq: None, to_seq: None })
+        .await
+        .unwrap();
+    assert_eq!((verified.verified, verified.first_break), (3, None), "the kept records still chain");
+    storage.stop().await.unwrap();
+}

@@ -69,6 +69,11 @@ pub struct StorageConfig {
     pub fdb_cluster_file: Option<String>,
     /// The tuple prefix of Toka's keys in FoundationDB.
     pub fdb_prefix: String,
+    /// Compaction (off when absent): records this far before a log's newest complete snapshot
+    /// are kept, older ones removed. Replay then starts from the snapshot.
+    pub compact_keep_records: Option<u64>,
+    /// How often compaction looks for work, in milliseconds.
+    pub compact_interval_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -78,6 +83,8 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("data/storage"),
             fdb_cluster_file: None,
             fdb_prefix: "toka".to_owned(),
+            compact_keep_records: None,
+            compact_interval_ms: 60_000,
         }
     }
 }
@@ -329,6 +336,34 @@ async fn status(wal: &WalHandle) -> Result<StatusReply, WireError> {
     Ok(StatusReply { backend, logs })
 }
 
+/// Removes records older than `keep` before each log's newest complete snapshot, every
+/// `interval`, until `stop`.
+async fn compact(wal: WalHandle, keep: u64, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        for log in LogName::ALL {
+            let result = on_wal(&wal, move |w| {
+                let Some(snapshot) = w.snapshot_chunk(log, None, 0)? else { return Ok(0) };
+                let head = w.head(log)?;
+                let through = snapshot.seq.saturating_sub(keep).min(head.seq.saturating_sub(1));
+                if through < head.first_seq {
+                    return Ok(0);
+                }
+                w.compact(log, through)
+            })
+            .await;
+            match result {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(%log, records = n, "compacted"),
+                Err(e) => tracing::warn!(%log, error = %e, "compaction failed; will retry"),
+            }
+        }
+    }
+}
+
 /// Registers every storage endpoint on `host`.
 async fn serve_endpoints(host: &mut Host, wal: &WalHandle) -> Result<(), host::Error> {
     let w = wal.clone();
@@ -400,12 +435,23 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     let js = async_nats::jetstream::new(bus.client().clone());
     publish::ensure_stream(&js).await?;
     let (stop_publisher, stopped) = tokio::sync::watch::channel(false);
-    let publisher = tokio::spawn(publish::run(js, wal.clone(), stopped));
+    let publisher = tokio::spawn(publish::run(js, wal.clone(), stopped.clone()));
+    let compactor = config.storage.compact_keep_records.map(|keep| {
+        tokio::spawn(compact(
+            wal.clone(),
+            keep,
+            Duration::from_millis(config.storage.compact_interval_ms.max(10)),
+            stopped,
+        ))
+    });
     let mut host = Host::start(&bus, SERVICE_NAME, DESCRIPTION, &config.admin).await?;
     serve_endpoints(&mut host, &wal).await?;
     host.serve_until(&bus, shutdown, Duration::from_millis(config.shutdown.grace_ms)).await;
     let _ = stop_publisher.send(true);
     let _ = publisher.await;
+    if let Some(compactor) = compactor {
+        let _ = compactor.await;
+    }
     drop(wal);
     // The WAL thread ends once every handle is gone; committed data is already durable.
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;

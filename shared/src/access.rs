@@ -65,6 +65,18 @@ fn subjects(endpoints: &[Endpoint]) -> impl Iterator<Item = String> + '_ {
     endpoints.iter().map(|e| e.subject.to_owned())
 }
 
+/// Asking the services API who is there, and consuming the committed-events stream.
+fn discovery_and_event_consumers() -> Vec<String> {
+    let mut subjects: Vec<String> =
+        ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
+            .map(String::from)
+            .to_vec();
+    subjects.push("$JS.API.CONSUMER.>".to_owned());
+    subjects.push(format!("$JS.API.STREAM.INFO.{}", subject::EVENTS_STREAM));
+    subjects.push(format!("$JS.ACK.{}.>", subject::EVENTS_STREAM));
+    subjects
+}
+
 /// The permissions of `role`.
 pub fn permissions(role: Role) -> Permissions {
     use subject::*;
@@ -107,13 +119,7 @@ pub fn permissions(role: Role) -> Permissions {
             subscribe.push(all_of(service::TELEMETRY));
             subscribe.push(ALL_EVENTS.to_owned());
             publish.extend(subjects(&[STORAGE_QUERY, STORAGE_STATUS]));
-            publish.extend(
-                ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
-                    .map(String::from),
-            );
-            publish.push("$JS.API.CONSUMER.>".to_owned());
-            publish.push(format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"));
-            publish.push(format!("$JS.ACK.{EVENTS_STREAM}.>"));
+            publish.extend(discovery_and_event_consumers());
         }
         Role::Client => {
             subscribe = vec!["_INBOX.>".to_owned(), ALL_EVENTS.to_owned(), AUTH_HEARTBEAT.to_owned()];
@@ -127,25 +133,13 @@ pub fn permissions(role: Role) -> Permissions {
                 AUTH_ROTATE,
                 AUTH_REVOCATIONS,
             ]));
-            publish.extend(
-                ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
-                    .map(String::from),
-            );
-            publish.push("$JS.API.CONSUMER.>".to_owned());
-            publish.push(format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"));
-            publish.push(format!("$JS.ACK.{EVENTS_STREAM}.>"));
+            publish.extend(discovery_and_event_consumers());
         }
         Role::Operator => {
             subscribe = vec!["_INBOX.>".to_owned(), ALL_EVENTS.to_owned()];
             responses = false;
             publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
-            publish.extend(
-                ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
-                    .map(String::from),
-            );
-            publish.push("$JS.API.CONSUMER.>".to_owned());
-            publish.push(format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"));
-            publish.push(format!("$JS.ACK.{EVENTS_STREAM}.>"));
+            publish.extend(discovery_and_event_consumers());
         }
     }
     // Any Toka user may ask any service for its health.

@@ -10,9 +10,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use toka_shared::runtime::host::{self, Host};
 
 /// The name this service registers with the NATS services API.
@@ -21,21 +19,9 @@ pub const SERVICE_NAME: &str = toka_shared::subject::service::TELEMETRY;
 /// What `--help` and the services API say the service is.
 pub const DESCRIPTION: &str = "Toka telemetry: OpenTelemetry export, Prometheus metrics, dashboard and event analyzers";
 
-/// The service's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Admin HTTP probes and metrics.
-    pub admin: AdminConfig,
-    /// Logs, traces and metrics.
-    pub telemetry: TelemetryConfig,
-    /// Graceful shutdown.
-    pub shutdown: ShutdownConfig,
-}
-
-toka_shared::service_config!(Config);
+/// The service's configuration: so far only the sections every service has
+/// (`--dump-config` prints every key).
+pub type Config = toka_shared::runtime::config::Common;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

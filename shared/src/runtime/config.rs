@@ -166,7 +166,8 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// The sections every service's configuration has.
+/// The sections every service's configuration has; a service with nothing of its own yet uses
+/// it as its whole configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Common {
@@ -236,3 +237,5 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
+
+crate::service_config!(Common);

@@ -18,7 +18,9 @@ use foundationdb::{Database, FdbBindingError, RangeOption, RetryableTransaction}
 use toka_shared::record::{Hash, LogName};
 
 use super::fdb_layout::{self as layout, Layout};
-use super::{Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, plan_append};
+use super::{
+    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+};
 
 /// The most index entries a query scans before answering with what it found.
 const QUERY_SCAN: usize = 10_000;
@@ -272,19 +274,13 @@ impl Wal for FdbWal {
     }
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
-        if c.chunk >= c.chunks {
-            return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
-        }
         if c.data.len() > layout::VALUE_LIMIT {
             return Err(Error::Invalid(format!("a snapshot chunk holds at most {} bytes", layout::VALUE_LIMIT)));
         }
         let layout = &self.layout;
         let c = &c;
         self.run(|trx| async move {
-            let head = Self::head_in(&trx, layout, log).await?;
-            if c.seq > head.seq {
-                return Err(custom(Error::Invalid(format!("snapshot at {} is past the head {}", c.seq, head.seq))));
-            }
+            check_chunk(c, Self::head_in(&trx, layout, log).await?).map_err(custom)?;
             let meta = [&c.state_hash.0[..], &c.chunks.to_be_bytes()].concat();
             match trx.get(&layout.snapshot(log, c.seq), false).await? {
                 Some(existing) if existing[..] != meta[..] => {
@@ -334,13 +330,8 @@ impl Wal for FdbWal {
         let layout = &self.layout;
         self.run(|trx| async move {
             let head = Self::head_in(&trx, layout, log).await?;
-            let newest = Self::newest_snapshot(&trx, layout, log, u64::MAX).await?.map_or(0, |s| s.0);
-            let limit = newest.min(head.seq.saturating_sub(1));
-            if through_seq > limit {
-                return Err(custom(Error::Invalid(format!(
-                    "can compact through {limit} at most (newest complete snapshot, and the head is kept)"
-                ))));
-            }
+            let newest = Self::newest_snapshot(&trx, layout, log, u64::MAX).await?.map(|s| s.0);
+            compaction_limit(newest, head, through_seq).map_err(custom)?;
             // One transaction removes up to a thousand records; the caller repeats for more.
             let metas = Self::get_range(&trx, layout.meta_range(log, head.first_seq), 1_000, false).await?;
             let mut removed = 0;

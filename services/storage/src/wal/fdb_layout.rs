@@ -107,16 +107,7 @@ impl Layout {
 
     /// Events of `log` after (`seq`, `idx`), as a range.
     pub fn events_after(&self, log: LogName, after: Option<(u64, u16)>) -> (Vec<u8>, Vec<u8>) {
-        let space = self.root.subspace(&("v", log.as_str()));
-        let start = match after {
-            Some((seq, idx)) => {
-                let mut k = space.pack(&(seq, idx));
-                k.push(0xff);
-                k
-            }
-            None => space.range().0,
-        };
-        (start, space.range().1)
+        after_in(&self.root.subspace(&("v", log.as_str())), after)
     }
 
     /// An event in the entity index.
@@ -126,16 +117,7 @@ impl Layout {
 
     /// Events about `entity` after (`seq`, `idx`), as a range.
     pub fn entity_after(&self, log: LogName, entity: &str, after: Option<(u64, u16)>) -> (Vec<u8>, Vec<u8>) {
-        let space = self.root.subspace(&("e", log.as_str(), entity));
-        let start = match after {
-            Some((seq, idx)) => {
-                let mut k = space.pack(&(seq, idx));
-                k.push(0xff);
-                k
-            }
-            None => space.range().0,
-        };
-        (start, space.range().1)
+        after_in(&self.root.subspace(&("e", log.as_str(), entity)), after)
     }
 
     /// An event in the type index.
@@ -145,16 +127,7 @@ impl Layout {
 
     /// Events of `event_type` after (`seq`, `idx`), as a range.
     pub fn type_after(&self, log: LogName, event_type: &str, after: Option<(u64, u16)>) -> (Vec<u8>, Vec<u8>) {
-        let space = self.root.subspace(&("t", log.as_str(), event_type));
-        let start = match after {
-            Some((seq, idx)) => {
-                let mut k = space.pack(&(seq, idx));
-                k.push(0xff);
-                k
-            }
-            None => space.range().0,
-        };
-        (start, space.range().1)
+        after_in(&self.root.subspace(&("t", log.as_str(), event_type)), after)
     }
 
     /// The `(seq, idx)` at the end of any event-index key.
@@ -200,6 +173,20 @@ impl Layout {
     pub fn snapshot_chunks(&self, log: LogName, seq: u64) -> (Vec<u8>, Vec<u8>) {
         self.root.subspace(&("c", log.as_str(), seq)).range()
     }
+}
+
+/// The keys `(seq, idx)` of `space` strictly after `after` (all of them for `None`).
+fn after_in(space: &Subspace, after: Option<(u64, u16)>) -> (Vec<u8>, Vec<u8>) {
+    let (all_start, end) = space.range();
+    let start = match after {
+        Some((seq, idx)) => {
+            let mut k = space.pack(&(seq, idx));
+            k.push(0xff);
+            k
+        }
+        None => all_start,
+    };
+    (start, end)
 }
 
 /// `value` in pieces of at most [`VALUE_LIMIT`] bytes (one empty piece for an empty value).

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use toka_shared::record::{Hash, LogName};
 
-use super::{Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, plan_append};
+use super::{
+    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+};
 
 /// A snapshot being uploaded or complete: state hash, chunk count, chunks received.
 #[derive(Debug)]
@@ -136,13 +138,8 @@ impl Wal for MemoryWal {
     }
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
-        if c.chunk >= c.chunks {
-            return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
-        }
         let log = self.logs.entry(log).or_default();
-        if c.seq > log.head().seq {
-            return Err(Error::Invalid(format!("snapshot at {} is past the head {}", c.seq, log.head().seq)));
-        }
+        check_chunk(&c, log.head())?;
         let entry = log.snapshots.entry(c.seq).or_insert_with(|| Snapshot {
             state_hash: c.state_hash,
             chunks: c.chunks,
@@ -177,12 +174,7 @@ impl Wal for MemoryWal {
     fn compact(&mut self, name: LogName, through_seq: u64) -> Result<u64, Error> {
         let Some(log) = self.logs.get_mut(&name) else { return Ok(0) };
         let newest_snapshot = log.snapshots.iter().rev().find(|(_, s)| s.complete()).map(|(seq, _)| *seq);
-        let limit = newest_snapshot.unwrap_or(0).min(log.head().seq.saturating_sub(1));
-        if through_seq > limit {
-            return Err(Error::Invalid(format!(
-                "can compact through {limit} at most (newest complete snapshot, and the head is kept)"
-            )));
-        }
+        compaction_limit(newest_snapshot, log.head(), through_seq)?;
         let doomed: Vec<u64> = log.records.range(..=through_seq).map(|(seq, _)| *seq).collect();
         if let Some(last) = doomed.last() {
             log.compacted = Some((*last, log.records[last].hash));

@@ -193,6 +193,29 @@ pub trait Wal: Send + 'static {
     fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error>;
 }
 
+/// Refuses a snapshot chunk that is out of range or past the head.
+pub(crate) fn check_chunk(c: &SnapshotChunk, head: Head) -> Result<(), Error> {
+    if c.chunk >= c.chunks {
+        return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
+    }
+    if c.seq > head.seq {
+        return Err(Error::Invalid(format!("snapshot at {} is past the head {}", c.seq, head.seq)));
+    }
+    Ok(())
+}
+
+/// The last sequence compaction may remove: not past the newest complete snapshot, and never
+/// the head. Refuses `through_seq` beyond it.
+pub(crate) fn compaction_limit(newest_snapshot: Option<u64>, head: Head, through_seq: u64) -> Result<u64, Error> {
+    let limit = newest_snapshot.unwrap_or(0).min(head.seq.saturating_sub(1));
+    if through_seq > limit {
+        return Err(Error::Invalid(format!(
+            "can compact through {limit} at most (newest complete snapshot, and the head is kept)"
+        )));
+    }
+    Ok(limit)
+}
+
 /// Checks a batch against a head: returns how many leading records are already committed
 /// (identical retry) given `stored_hash(seq)`, or the conflict.
 pub(crate) fn plan_append(

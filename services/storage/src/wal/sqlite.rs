@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use toka_shared::record::{Hash, LogName};
 
-use super::{Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, plan_append};
+use super::{
+    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
@@ -349,13 +351,7 @@ impl Wal for SqliteWal {
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
         self.writable()?;
-        if c.chunk >= c.chunks {
-            return Err(Error::Invalid(format!("chunk {} of {}", c.chunk, c.chunks)));
-        }
-        let head = self.head(log)?;
-        if c.seq > head.seq {
-            return Err(Error::Invalid(format!("snapshot at {} is past the head {}", c.seq, head.seq)));
-        }
+        check_chunk(&c, self.head(log)?)?;
         let tx = self.conn.transaction().map_err(io)?;
         let seq = seq_i64(c.seq)?;
         let existing: Option<(Vec<u8>, i64)> = tx
@@ -446,12 +442,7 @@ impl Wal for SqliteWal {
                 |r| r.get(0),
             )
             .map_err(io)?;
-        let limit = (newest.unwrap_or(0) as u64).min(head.seq.saturating_sub(1));
-        if through_seq > limit {
-            return Err(Error::Invalid(format!(
-                "can compact through {limit} at most (newest complete snapshot, and the head is kept)"
-            )));
-        }
+        compaction_limit(newest.map(|s| s as u64), head, through_seq)?;
         let tx = self.conn.transaction().map_err(io)?;
         let through = seq_i64(through_seq)?;
         let last: Option<(i64, Vec<u8>)> = tx

@@ -58,18 +58,9 @@ fn records_after(after: (u64, Hash), n: u64, tag: u64) -> Vec<KernelRecord> {
         .collect()
 }
 
-/// The `toka-storage` binary next to this test binary (`make test` builds it first).
-fn storage_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("toka-storage");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build -p toka-storage` (make test does)", bin.display());
-    bin
-}
-
 fn start_process(nats: &Nats, data_dir: &Path) -> Child {
     let config = nats.config(Role::Storage);
-    Command::new(storage_binary())
+    Command::new(crate::binaries::binary("toka-storage"))
         .env("TOKA_NATS__URL", &config.url)
         .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
         .env("TOKA_STORAGE__DATA_DIR", data_dir)

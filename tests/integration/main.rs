@@ -1,6 +1,7 @@
 //! Toka's integration tests: one binary, a module per area.
 //!
 //! - `harness`: containerised NATS, in-process services, bounded waits.
+//! - `binaries`: the service binaries: configuration errors, `--dump-config`, OTLP export, SIGTERM.
 //! - `crash`: storage under SIGKILL, a read-only data directory, a full disk.
 //! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
 //! - `services`: the four services on a secured bus.
@@ -9,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 #![allow(unreachable_pub)] // a test binary exports nothing; `pub` marks the harness API
 
+mod binaries;
 mod crash;
 mod docs;
 mod harness;

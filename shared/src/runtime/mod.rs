@@ -11,6 +11,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
 //! - [`deploy`]: per-deployment NATS credentials and server configuration.
 //! - [`cli`]: the `main` every service binary shares.
+//! - [`token`]: signing and verifying capability tokens (Ed25519 JWTs).
 
 pub mod bus;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod deploy;
 pub mod host;
 pub mod observe;
 pub mod shutdown;
+pub mod token;

@@ -283,6 +283,74 @@ impl Verifier {
     }
 }
 
+/// Why a delegation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DelegationError {
+    /// A requested capability is not covered by any single capability of the parent.
+    #[error("capability {0} is not covered by the parent token")]
+    Widened(String),
+    /// The chain would grow past the depth cap.
+    #[error("delegation depth {depth} exceeds the cap of {cap}")]
+    TooDeep {
+        /// The child's depth.
+        depth: usize,
+        /// The cap.
+        cap: u8,
+    },
+    /// Nothing requested.
+    #[error("a delegated token needs at least one capability")]
+    Empty,
+    /// The lifetime asked for is zero.
+    #[error("a delegated token needs a lifetime")]
+    NoLifetime,
+}
+
+/// The claims of a child of `parent`: a subset of its capabilities, a lifetime that ends no
+/// later than the parent's, one more link in the chain, under the depth cap. `lineage` answers
+/// descent between agents where the caller knows the tree (the kernel); auth, which does not,
+/// passes [`crate::capability::NoLineage`].
+#[allow(clippy::too_many_arguments)]
+pub fn delegate(
+    parent: &Claims,
+    sub: Option<crate::spec::Principal>,
+    caps: Vec<crate::capability::Capability>,
+    ttl_s: u64,
+    once: bool,
+    jti: TokenId,
+    now_s: u64,
+    max_depth: u8,
+    lineage: &impl crate::capability::Lineage,
+) -> Result<Claims, DelegationError> {
+    if caps.is_empty() {
+        return Err(DelegationError::Empty);
+    }
+    if ttl_s == 0 {
+        return Err(DelegationError::NoLifetime);
+    }
+    if let Some(wider) = crate::capability::first_uncovered(&caps, &parent.caps, lineage) {
+        return Err(DelegationError::Widened(format!("{} {:?}", wider.resource, wider.actions)));
+    }
+    let depth = parent.chain.len() + 1;
+    if depth > usize::from(max_depth) {
+        return Err(DelegationError::TooDeep { depth, cap: max_depth });
+    }
+    let mut chain = parent.chain.clone();
+    chain.push(parent.jti);
+    Ok(Claims {
+        iss: parent.iss.clone(),
+        sub: sub.unwrap_or_else(|| parent.sub.clone()),
+        aud: parent.aud.clone(),
+        exp: now_s.saturating_add(ttl_s).min(parent.exp),
+        nbf: now_s.max(parent.nbf),
+        iat: now_s,
+        jti,
+        caps,
+        chain,
+        depth: depth as u8,
+        once,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,6 +446,53 @@ mod tests {
         let once = key.sign(&Claims { once: true, ..claims(8) }).unwrap();
         assert!(verifier.verify(&once, NOW).is_ok());
         assert_eq!(verifier.verify(&once, NOW), Err(Error::Replayed(TokenId::from_u128(8))));
+    }
+
+    #[test]
+    fn delegation_narrows_shortens_and_deepens() {
+        use crate::capability::NoLineage;
+        let parent = Claims {
+            caps: vec![
+                Capability::new(Pattern::AnyAgent, &[Action::Spawn, Action::Read]),
+                Capability::new(Pattern::AnyQueue, &[Action::Claim]),
+            ],
+            ..claims(1)
+        };
+        let child_caps = vec![Capability::new(Pattern::Agent(crate::AgentId::mint(1, 1, 0)), &[Action::Read])];
+        let child =
+            delegate(&parent, None, child_caps.clone(), 3_600, false, TokenId::from_u128(2), NOW, 5, &NoLineage)
+                .unwrap();
+        assert_eq!(
+            (child.depth, child.chain.clone(), child.exp, child.sub.clone()),
+            (1, vec![parent.jti], parent.exp, parent.sub.clone()),
+            "never outlives its parent"
+        );
+        let grandchild =
+            delegate(&child, None, child_caps.clone(), 60, true, TokenId::from_u128(3), NOW, 5, &NoLineage).unwrap();
+        assert_eq!((grandchild.depth, grandchild.chain.len(), grandchild.exp, grandchild.once), (2, 2, NOW + 60, true));
+        let wider = vec![Capability::new(Pattern::AnyAgent, &[Action::Terminate])];
+        assert!(matches!(
+            delegate(&parent, None, wider, 60, false, TokenId::from_u128(4), NOW, 5, &NoLineage),
+            Err(DelegationError::Widened(_))
+        ));
+        assert_eq!(
+            delegate(&grandchild, None, child_caps.clone(), 60, false, TokenId::from_u128(5), NOW, 2, &NoLineage),
+            Err(DelegationError::TooDeep { depth: 3, cap: 2 })
+        );
+        assert_eq!(
+            delegate(&parent, None, Vec::new(), 60, false, TokenId::from_u128(6), NOW, 5, &NoLineage),
+            Err(DelegationError::Empty)
+        );
+        assert_eq!(
+            delegate(&parent, None, child_caps, 0, false, TokenId::from_u128(7), NOW, 5, &NoLineage),
+            Err(DelegationError::NoLifetime)
+        );
+        // A delegated token verifies, and revoking its parent revokes it.
+        let (key, mut verifier) = setup();
+        let token = key.sign(&child).unwrap();
+        assert_eq!(verifier.verify(&token, NOW).unwrap(), child);
+        verifier.revoke(parent.jti);
+        assert_eq!(verifier.verify(&token, NOW), Err(Error::Revoked(parent.jti)));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!   0600, never overwritten), the server configuration with least-privilege permissions, and a
 //!   configuration file per service pointing at its credentials.
 //! - `toka ping`: which Toka services answer the NATS services API's `$SRV.PING`.
+//! - `toka token issue`: a token from auth, asked for with the deployment's admin key.
 //! - `toka load storage`: durable appends through NATS, with throughput and latency percentiles.
 
 mod load;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -60,10 +62,20 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         wait_ms: u64,
     },
+    /// Tokens: `toka token issue --sub alice --cap 'agent:*=spawn,read' --ttl 1h`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Load generators: bounded runs that print their configuration, progress, throughput and
     /// latency percentiles.
     #[command(subcommand)]
     Load(Load),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token with the deployment's admin key and print it (the first tokens of a
+    /// deployment are made this way).
+    Issue(token::Issue),
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +107,13 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
             seed.display(),
             admin_port + i as u16
         );
+        if *role == Role::Auth {
+            text.push_str(&format!(
+                "\n[auth]\nkey_dir = \"{}\"\nadmin_key_file = \"{}\"\n",
+                dir.join("auth").display(),
+                generated.admin_key.display()
+            ));
+        }
         if *role == Role::Storage {
             text.push_str(&format!(
                 "\n[storage]\nbackend = \"sqlite\"\ndata_dir = \"{}\"\n",
@@ -110,6 +129,10 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
     for (role, path) in &generated.seeds {
         println!("  {:<9} {}  {}", role.name(), generated.public_keys[role], path.display());
     }
+    println!(
+        "Auth admin key:            {}  (issues the first tokens: `toka token issue`)",
+        generated.admin_key.display()
+    );
     println!("Service configurations:    {}/{{kernel,storage,auth,telemetry}}.toml", config_dir.display());
     Ok(())
 }
@@ -154,6 +177,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ping(&nats_url, &creds, wait_ms))),
+        Command::Token(TokenCommand::Issue(args)) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(token::issue(args))),
         Command::Load(Load::Storage(load)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -87,6 +87,7 @@ pub fn permissions(role: Role) -> Permissions {
         Role::Kernel => {
             subscribe.push(all_of(service::KERNEL));
             subscribe.push(AUTH_HEARTBEAT.to_owned());
+            subscribe.push(AUTH_EVENTS.to_owned());
             publish.extend(subjects(&[
                 append(LogName::Kernel),
                 append(LogName::Audit),
@@ -109,9 +110,12 @@ pub fn permissions(role: Role) -> Permissions {
         }
         Role::Auth => {
             subscribe.push(all_of(service::AUTH));
-            publish.extend(subjects(&[append(LogName::Audit), STORAGE_HEAD, STORAGE_READ]));
+            subscribe.push(AUTH_EVENTS.to_owned());
+            publish.extend(subjects(&[append(LogName::Audit), STORAGE_HEAD, STORAGE_READ, STORAGE_QUERY]));
             publish.push(AUTH_HEARTBEAT.to_owned());
-            // The rotation lease and the shared key set live in JetStream key-value buckets.
+            // Rotation requests forwarded to the replica that holds the rotation lease.
+            publish.push("toka.auth.v1.leader.*.rotate".to_owned());
+            // The rotation lease lives in a JetStream key-value bucket.
             publish.push("$JS.API.>".to_owned());
             publish.push("$KV.>".to_owned());
         }

@@ -120,6 +120,15 @@ pub fn health(service: &str) -> Option<Endpoint> {
 /// Auth's periodic heartbeat carrying the revocation epoch.
 pub const AUTH_HEARTBEAT: &str = "toka.auth.v1.heartbeat";
 
+/// Every committed auth event (revocations, rotations, issues, denials): what verifiers follow.
+pub const AUTH_EVENTS: &str = "toka.evt.audit.auth.>";
+
+/// The subject on which the auth replica `instance` takes forwarded rotation requests (only
+/// the holder of the rotation lease rotates; the others forward to it).
+pub fn auth_rotate_at(instance: &str) -> String {
+    format!("toka.auth.v1.leader.{instance}.rotate")
+}
+
 /// The root of every committed-event subject.
 pub const EVENTS_ROOT: &str = "toka.evt";
 

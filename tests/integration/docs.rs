@@ -21,6 +21,9 @@ fn architecture_lists_every_subject() {
         assert!(doc.contains(&row), "ARCHITECTURE.md has no row for {}", e.subject);
     }
     assert!(doc.contains(&format!("| `{}` |", subject::AUTH_HEARTBEAT)));
+    let forwarded = subject::auth_rotate_at("<instance>");
+    assert!(doc.contains(&format!("| `{forwarded}` |")));
+    assert!(doc.contains(&format!("`{}`", subject::AUTH_EVENTS)));
     assert!(doc.contains(&format!("| `{}.<log>.<category>.<name>.<entity>` |", subject::EVENTS_ROOT)));
     assert!(doc.contains(subject::EVENTS_STREAM));
     // And no subject row that the code does not know.
@@ -28,7 +31,7 @@ fn architecture_lists_every_subject() {
     for row in rows {
         let s = row.split('`').nth(1).unwrap();
         assert!(
-            subject::ENDPOINTS.iter().any(|e| e.subject == s) || s == subject::AUTH_HEARTBEAT,
+            subject::ENDPOINTS.iter().any(|e| e.subject == s) || s == subject::AUTH_HEARTBEAT || s == forwarded,
             "ARCHITECTURE.md lists unknown subject {s}"
         );
     }

@@ -1,6 +1,8 @@
 //! Toka's integration tests: one binary, a module per area.
 //!
 //! - `harness`: containerised NATS, in-process services, bounded waits.
+//! - `auth`: auth over NATS: issuing, the attack suite, revocation, rate limits, audit,
+//!   rotation, replicas, verifiers that fail closed, PyJWT interop.
 //! - `binaries`: the service binaries: configuration errors, `--dump-config`, OTLP export, SIGTERM.
 //! - `crash`: storage under SIGKILL, a read-only data directory, a full disk.
 //! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
@@ -10,6 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 #![allow(unreachable_pub)] // a test binary exports nothing; `pub` marks the harness API
 
+mod auth;
 mod binaries;
 mod crash;
 mod docs;

@@ -16,9 +16,11 @@ use toka_shared::wire::{ERROR_CODE_HEADER, ERROR_HEADER};
 use toka_shared::{AgentId, Envelope, Event};
 
 use crate::assert_eventually;
-use crate::harness::{Nats, Running, expect_event, http_get, spawn_service};
+use crate::auth::start_auth;
+use crate::harness::{Nats, Running, TempDir, expect_event, http_get, spawn_service};
+use crate::storage::start_storage;
 
-async fn start_all(nats: &Nats) -> Vec<Running> {
+async fn start_all(nats: &Nats, dir: &TempDir) -> Vec<Running> {
     let mut running = Vec::new();
     running.push(
         spawn_service(service::KERNEL, nats, Role::Kernel, |nats, admin, bus, stop| {
@@ -26,18 +28,8 @@ async fn start_all(nats: &Nats) -> Vec<Running> {
         })
         .await,
     );
-    running.push(
-        spawn_service(service::STORAGE, nats, Role::Storage, |nats, admin, bus, stop| {
-            toka_storage::run(toka_storage::Config { nats, admin, ..Default::default() }, bus, stop)
-        })
-        .await,
-    );
-    running.push(
-        spawn_service(service::AUTH, nats, Role::Auth, |nats, admin, bus, stop| {
-            toka_auth::run(toka_auth::Config { nats, admin, ..Default::default() }, bus, stop)
-        })
-        .await,
-    );
+    running.push(start_storage(nats, &dir.0.join("storage")).await);
+    running.push(start_auth(nats, &dir.0.join("auth"), |_| {}).await);
     running.push(
         spawn_service(service::TELEMETRY, nats, Role::Telemetry, |nats, admin, bus, stop| {
             toka_telemetry::run(toka_telemetry::Config { nats, admin, ..Default::default() }, bus, stop)
@@ -57,7 +49,8 @@ async fn srv(bus: &toka_shared::runtime::bus::Bus, subject: String) -> Option<Va
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_four_services_start_answer_discovery_report_ready_and_drain() {
     let Some(nats) = Nats::start().await else { return };
-    let running = start_all(&nats).await;
+    let dir = TempDir::new("four");
+    let running = start_all(&nats, &dir).await;
     let probe = nats.connect(Role::Telemetry).await;
     let registry = Registry::global();
     for svc in &running {
@@ -133,10 +126,9 @@ async fn a_request_with_trace_context_is_handled_in_the_same_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_request_gets_a_body_and_error_headers_naming_schema_and_pointer() {
     let Some(nats) = Nats::start().await else { return };
-    let auth = spawn_service(service::AUTH, &nats, Role::Auth, |nats, admin, bus, stop| {
-        toka_auth::run(toka_auth::Config { nats, admin, ..Default::default() }, bus, stop)
-    })
-    .await;
+    let dir = TempDir::new("bad-request");
+    let _storage = start_storage(&nats, &dir.0.join("storage")).await;
+    let auth = start_auth(&nats, &dir.0.join("auth"), |_| {}).await;
     let bus = nats.connect(Role::Auth).await;
     for (body, pointer) in [(&br#"{"verbose":true}"#[..], Some("")), (&b"not json"[..], None)] {
         let reply = bus.client().request(subject::AUTH_HEALTH.subject, body.to_vec().into()).await.unwrap();

@@ -46,7 +46,7 @@ fn records_after(after: (u64, Hash), n: u64) -> Vec<KernelRecord> {
         .collect()
 }
 
-async fn start_storage(nats: &Nats, dir: &Path) -> Running {
+pub(crate) async fn start_storage(nats: &Nats, dir: &Path) -> Running {
     let data_dir = dir.to_owned();
     spawn_service(service::STORAGE, nats, Role::Storage, move |nats, admin, bus, stop| {
         let storage =

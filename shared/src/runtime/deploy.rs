@@ -39,6 +39,8 @@ pub struct Generated {
     pub seeds: BTreeMap<Role, PathBuf>,
     /// Each role's public key.
     pub public_keys: BTreeMap<Role, String>,
+    /// The auth admin key (the credential that issues the first tokens).
+    pub admin_key: PathBuf,
 }
 
 /// A new user key pair, as (seed, public key).
@@ -60,7 +62,17 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<(), Error> {
     file.sync_all().map_err(io(path))
 }
 
-/// Creates (or reuses) a seed per role under `dir/creds/` and writes `dir/nats.conf`.
+/// A new admin key: 32 random bytes, base64url (43 characters).
+pub fn new_admin_key() -> Result<String, Error> {
+    use base64::Engine as _;
+    let mut random = [0u8; 32];
+    getrandom::getrandom(&mut random)
+        .map_err(|e| Error::Io { path: "the random source".into(), reason: e.to_string() })?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random))
+}
+
+/// Creates (or reuses) a seed per role and the auth admin key (`admin.key`) under
+/// `dir/creds/`, and writes `dir/nats.conf`.
 pub fn generate(dir: &Path, settings: &ServerSettings) -> Result<Generated, Error> {
     let creds = dir.join("creds");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&creds).map_err(io(&creds))?;
@@ -80,10 +92,14 @@ pub fn generate(dir: &Path, settings: &ServerSettings) -> Result<Generated, Erro
         seeds.insert(role, path);
         public_keys.insert(role, public);
     }
+    let admin_key = creds.join("admin.key");
+    if !admin_key.exists() {
+        write_secret(&admin_key, &format!("{}\n", new_admin_key()?))?;
+    }
     let users: Vec<(Role, String)> = public_keys.iter().map(|(r, k)| (*r, k.clone())).collect();
     let server_config = dir.join("nats.conf");
     std::fs::write(&server_config, access::render_server_config(settings, &users)).map_err(io(&server_config))?;
-    Ok(Generated { server_config, seeds, public_keys })
+    Ok(Generated { server_config, seeds, public_keys, admin_key })
 }
 
 #[cfg(test)]
@@ -111,6 +127,13 @@ mod tests {
         let conf = std::fs::read_to_string(&first.server_config).unwrap();
         assert!(first.public_keys.values().all(|k| conf.contains(k.as_str())));
         assert!(write_secret(&first.seeds[&Role::Kernel], "x").is_err(), "never overwrites a seed");
+        let admin = std::fs::read_to_string(&first.admin_key).unwrap();
+        assert_eq!(
+            (admin.trim().len(), std::fs::metadata(&first.admin_key).unwrap().permissions().mode() & 0o777),
+            (43, 0o600)
+        );
+        generate(&dir, &settings).unwrap();
+        assert_eq!(std::fs::read_to_string(&first.admin_key).unwrap(), admin, "the admin key is kept too");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -297,10 +297,25 @@ impl Host {
     /// Marks the service ready, serves until `shutdown` resolves, then shuts down gracefully
     /// and drains the bus.
     pub async fn serve_until(self, bus: &Bus, shutdown: impl Future<Output = ()>, grace: Duration) {
+        self.serve_until_then(bus, shutdown, grace, async {}).await;
+    }
+
+    /// As [`Host::serve_until`], running `cleanup` after the last request finished and before
+    /// the bus drains (to flush what the service still owes its peers: audit records, a lease).
+    pub async fn serve_until_then(
+        self,
+        bus: &Bus,
+        shutdown: impl Future<Output = ()>,
+        grace: Duration,
+        cleanup: impl Future<Output = ()>,
+    ) {
         self.set_ready(true);
         tracing::info!(service = self.shared.name, "ready");
         shutdown.await;
         self.shutdown(grace).await;
+        if tokio::time::timeout(grace, cleanup).await.is_err() {
+            tracing::warn!(?grace, "clean-up did not finish in time");
+        }
         if tokio::time::timeout(grace, bus.drain()).await.is_err() {
             tracing::warn!(?grace, "NATS did not drain in time (is the server gone?)");
         }

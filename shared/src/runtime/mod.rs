@@ -12,12 +12,19 @@
 //! - [`deploy`]: per-deployment NATS credentials and server configuration.
 //! - [`cli`]: the `main` every service binary shares.
 //! - [`token`]: signing and verifying capability tokens (Ed25519 JWTs).
+//! - [`verifier`]: the token verifier kept current from auth over NATS (keys, revocations,
+//!   heartbeat), failing closed when auth falls silent.
+//! - [`limit`]: GCRA rate limits per principal and operation class.
+//! - [`lease`]: a single-holder lease in a NATS key-value bucket with a TTL.
 
 pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod deploy;
 pub mod host;
+pub mod lease;
+pub mod limit;
 pub mod observe;
 pub mod shutdown;
 pub mod token;
+pub mod verifier;

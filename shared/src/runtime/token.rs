@@ -192,6 +192,16 @@ impl Verifier {
         self.revoked.insert(jti);
     }
 
+    /// Replaces the revocations with the full set (fetched at start-up or after a missed one).
+    pub fn set_revoked(&mut self, revoked: BTreeSet<TokenId>) {
+        self.revoked = revoked;
+    }
+
+    /// The ids of the keys it accepts.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
     fn clear_cache(&self) {
         if let Ok(mut cache) = self.cache.lock() {
             cache.clear();
@@ -303,10 +313,18 @@ pub enum DelegationError {
     /// The lifetime asked for is zero.
     #[error("a delegated token needs a lifetime")]
     NoLifetime,
+    /// The child would outlive its parent.
+    #[error("the child would expire at {child_exp}, after its parent at {parent_exp}")]
+    Outlives {
+        /// When the child would expire (seconds since the epoch).
+        child_exp: u64,
+        /// When the parent expires.
+        parent_exp: u64,
+    },
 }
 
 /// The claims of a child of `parent`: a subset of its capabilities, a lifetime that ends no
-/// later than the parent's, one more link in the chain, under the depth cap. `lineage` answers
+/// later than the parent's (a longer one is refused, not shortened), one more link in the chain, under the depth cap. `lineage` answers
 /// descent between agents where the caller knows the tree (the kernel); auth, which does not,
 /// passes [`crate::capability::NoLineage`].
 #[allow(clippy::too_many_arguments)]
@@ -334,13 +352,17 @@ pub fn delegate(
     if depth > usize::from(max_depth) {
         return Err(DelegationError::TooDeep { depth, cap: max_depth });
     }
+    let exp = now_s.saturating_add(ttl_s);
+    if exp > parent.exp {
+        return Err(DelegationError::Outlives { child_exp: exp, parent_exp: parent.exp });
+    }
     let mut chain = parent.chain.clone();
     chain.push(parent.jti);
     Ok(Claims {
         iss: parent.iss.clone(),
         sub: sub.unwrap_or_else(|| parent.sub.clone()),
         aud: parent.aud.clone(),
-        exp: now_s.saturating_add(ttl_s).min(parent.exp),
+        exp,
         nbf: now_s.max(parent.nbf),
         iat: now_s,
         jti,
@@ -459,13 +481,17 @@ mod tests {
             ..claims(1)
         };
         let child_caps = vec![Capability::new(Pattern::Agent(crate::AgentId::mint(1, 1, 0)), &[Action::Read])];
+        assert_eq!(
+            delegate(&parent, None, child_caps.clone(), 3_600, false, TokenId::from_u128(2), NOW, 5, &NoLineage),
+            Err(DelegationError::Outlives { child_exp: NOW + 3_600, parent_exp: parent.exp }),
+            "never outlives its parent"
+        );
         let child =
-            delegate(&parent, None, child_caps.clone(), 3_600, false, TokenId::from_u128(2), NOW, 5, &NoLineage)
-                .unwrap();
+            delegate(&parent, None, child_caps.clone(), 600, false, TokenId::from_u128(2), NOW, 5, &NoLineage).unwrap();
         assert_eq!(
             (child.depth, child.chain.clone(), child.exp, child.sub.clone()),
             (1, vec![parent.jti], parent.exp, parent.sub.clone()),
-            "never outlives its parent"
+            "its whole lifetime inside the parent's"
         );
         let grandchild =
             delegate(&child, None, child_caps.clone(), 60, true, TokenId::from_u128(3), NOW, 5, &NoLineage).unwrap();

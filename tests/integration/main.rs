@@ -6,6 +6,8 @@
 //! - `binaries`: the service binaries: configuration errors, `--dump-config`, OTLP export, SIGTERM.
 //! - `crash`: storage under SIGKILL, a read-only data directory, a full disk.
 //! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
+//! - `kernel`: the kernel over NATS: submit, duplicates, denials, queries, ticks, standby
+//!   takeover, storage stopped mid-load.
 //! - `services`: the four services on a secured bus.
 //! - `storage`: the WAL over NATS, and committed events on JetStream.
 
@@ -17,5 +19,6 @@ mod binaries;
 mod crash;
 mod docs;
 mod harness;
+mod kernel;
 mod services;
 mod storage;

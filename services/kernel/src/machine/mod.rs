@@ -816,6 +816,12 @@ impl State {
         self.tasks.get(&id).map(|t| t.payload.as_str())
     }
 
+    /// Whether `caps` allow `action` on `target`, descendant patterns resolved against the tree
+    /// (queries check reads with it).
+    pub fn permits(&self, caps: &[Capability], action: toka_shared::Action, target: Target<'_>) -> bool {
+        toka_shared::capability::allows(caps, action, target, &Tree(&self.agents))
+    }
+
     /// Every agent id, in order.
     pub fn agent_ids(&self) -> impl Iterator<Item = AgentId> + '_ {
         self.agents.keys().copied()

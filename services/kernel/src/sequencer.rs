@@ -1,0 +1,411 @@
+//! The single sequencer: one task owns the state, applies operations in arrival order, seals
+//! each accepted one into a record chained to the last, and hands records to storage in
+//! batches (group commit: while appends are in flight, what arrives accumulates into the next
+//! one, bounded in records and bytes). Callers are answered only when the append holding their
+//! record is acknowledged, and a query is answered once everything applied before it is durable.
+//!
+//! If an append fails or times out, the state may be ahead of the log: the sequencer fails
+//! every waiting caller with `unavailable`, rebuilds the state from storage, and only then
+//! takes operations again. Ticks come from the sequencer's own clock, as logged operations,
+//! when a task deadline has passed.
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use toka_shared::api::storage::{AppendReply, AppendRequest};
+use toka_shared::record::{Hash, Record};
+use toka_shared::runtime::bus::{Bus, RequestError};
+use toka_shared::spec::Principal;
+use toka_shared::wire::{ErrorCode, WireError};
+use toka_shared::{Capability, Event, KernelRecord, OpId, Operation, subject};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::machine::{Authority, Ctx, Outcome, State};
+use crate::recovery;
+
+/// What a caller gets once its operation is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The record's sequence (the first application's, for a duplicate).
+    pub seq: u64,
+    /// The sequencer's time for it.
+    pub time_us: u64,
+    /// Its events.
+    pub events: Vec<Event>,
+}
+
+/// A question answered from the state.
+pub type Query = Box<dyn FnOnce(&State) -> Box<dyn FnOnce() + Send> + Send>;
+
+/// What the sequencer takes.
+pub enum Input {
+    /// An operation from a verified caller.
+    Submit {
+        /// Its idempotency key.
+        op_id: OpId,
+        /// The caller.
+        principal: Principal,
+        /// What the caller's token allows.
+        caps: Vec<Capability>,
+        /// The operation.
+        op: Operation,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<Accepted, WireError>>,
+    },
+    /// A query: computed on the state at once, its answer released once what was applied
+    /// before it is durable.
+    Query(Query),
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Submit { op_id, .. } => f.debug_struct("Submit").field("op_id", op_id).finish_non_exhaustive(),
+            Input::Query(_) => f.write_str("Query"),
+        }
+    }
+}
+
+/// The sequencer's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The most records in one append.
+    pub max_batch_records: usize,
+    /// The most bytes of records in one append (under NATS's payload limit).
+    pub max_batch_bytes: usize,
+    /// Appends in flight at once.
+    pub max_in_flight: usize,
+    /// How often to look for passed deadlines.
+    pub tick: Duration,
+    /// Snapshot after this many records (0: never).
+    pub snapshot_every: u64,
+    /// The idempotency window for a state rebuilt from nothing.
+    pub idempotency_window: u64,
+}
+
+/// Something waiting on a batch: called with the batch's outcome.
+type Waiter = Box<dyn FnOnce(Result<(), WireError>) + Send>;
+
+#[derive(Default)]
+struct Batch {
+    records: Vec<KernelRecord>,
+    bytes: usize,
+    waiters: Vec<Waiter>,
+}
+
+/// The sequencer's principal, on the ticks it issues.
+pub const SEQUENCER: &str = "toka-kernel";
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn unavailable(why: &str) -> WireError {
+    WireError::new(ErrorCode::Unavailable, format!("the kernel is {why}; retry")).with_retry_after_ms(200)
+}
+
+type AppendResult = (Result<AppendReply, RequestError>, Vec<Waiter>, u64);
+
+/// The sequencer task.
+pub struct Sequencer {
+    bus: Bus,
+    settings: Settings,
+    state: State,
+    head_hash: Hash,
+    pending: Batch,
+    in_flight: FuturesOrdered<std::pin::Pin<Box<dyn std::future::Future<Output = AppendResult> + Send>>>,
+    last_snapshot: u64,
+    hash: watch::Sender<(u64, Hash)>,
+}
+
+impl std::fmt::Debug for Sequencer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sequencer").field("seq", &self.state.last_seq()).finish_non_exhaustive()
+    }
+}
+
+impl Sequencer {
+    /// A sequencer continuing from `recovered`; `hash` reports (durable seq, state hash) after
+    /// each commit that leaves nothing pending.
+    pub fn new(bus: Bus, settings: Settings, recovered: recovery::Recovered, hash: watch::Sender<(u64, Hash)>) -> Self {
+        let last_snapshot = recovered.snapshot_seq;
+        Sequencer {
+            bus,
+            settings,
+            state: recovered.state,
+            head_hash: recovered.head_hash,
+            pending: Batch::default(),
+            in_flight: FuturesOrdered::new(),
+            last_snapshot,
+            hash,
+        }
+    }
+
+    /// Runs until `stop` turns true (or the inputs close); what is in flight is finished
+    /// first.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.settings.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.report();
+        let mut open = true;
+        while open || !self.in_flight.is_empty() || !self.pending.records.is_empty() {
+            let room = self.pending.records.len() < self.settings.max_batch_records;
+            tokio::select! {
+                input = inputs.recv(), if open && room => match input {
+                    Some(input) => {
+                        self.take(input);
+                        // Take what else is queued before sending: that is the group.
+                        while self.pending.records.len() < self.settings.max_batch_records {
+                            match inputs.try_recv() {
+                                Ok(input) => self.take(input),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => open = false,
+                },
+                Some((result, waiters, last_seq)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    if !self.committed(result, waiters, last_seq) {
+                        self.fail_all().await;
+                        self.rebuild(&mut inputs).await;
+                    }
+                }
+                changed = stop.changed(), if open => {
+                    let stopping = changed.is_err() || *stop.borrow();
+                    open = !stopping;
+                }
+                _ = tick.tick() => self.tick(),
+            }
+            self.send();
+        }
+    }
+
+    fn report(&self) {
+        if let Ok(hash) = self.state.hash() {
+            let _ = self.hash.send((self.state.last_seq(), hash));
+        }
+    }
+
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Query(query) => {
+                let answer = query(&self.state);
+                self.wait(Box::new(move |_| answer()));
+            }
+            Input::Submit { op_id, principal, caps, op, reply } => {
+                let authority = Authority::Client(&caps);
+                match self.apply(&op, op_id, &principal, authority) {
+                    Ok(accepted) => self.wait(Box::new(move |outcome| {
+                        let _ = reply.send(outcome.map(|()| accepted));
+                    })),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases `waiter` once everything applied so far is durable.
+    fn wait(&mut self, waiter: Waiter) {
+        if self.pending.records.is_empty() && self.in_flight.is_empty() {
+            waiter(Ok(()));
+        } else {
+            self.pending.waiters.push(waiter);
+        }
+    }
+
+    /// Applies and seals one operation into the pending batch.
+    fn apply(
+        &mut self,
+        op: &Operation,
+        op_id: OpId,
+        principal: &Principal,
+        authority: Authority<'_>,
+    ) -> Result<Accepted, WireError> {
+        let seq = self.state.last_seq() + 1;
+        let time_us = now_us().max(self.state.last_time_us());
+        let ctx = Ctx { seq, time_us, op_id, principal, authority };
+        match self.state.apply(op, &ctx) {
+            Ok(Outcome::Applied(events)) => {
+                let record =
+                    Record::seal(seq, op_id, principal.clone(), time_us, op.clone(), events.clone(), self.head_hash)
+                        .map_err(|e| WireError::new(ErrorCode::Internal, format!("sealing record {seq}: {e}")))?;
+                self.head_hash = record.hash;
+                self.pending.bytes += serde_json::to_vec(&record).map(|v| v.len()).unwrap_or(0);
+                self.pending.records.push(record);
+                Ok(Accepted { seq, time_us, events })
+            }
+            // The first result, released (by the caller's wait) once it is durable.
+            Ok(Outcome::Duplicate { seq, events }) => Ok(Accepted { seq, time_us: 0, events }),
+            Err(e) => Err(WireError::from(&e)),
+        }
+    }
+
+    /// Issues a tick when a deadline has passed.
+    fn tick(&mut self) {
+        let now = now_us();
+        if self.state.next_deadline_us().is_none_or(|d| d > now) {
+            return;
+        }
+        let seq = self.state.last_seq() + 1;
+        let op_id = OpId::mint(now.max(self.state.last_time_us()), seq, u16::MAX);
+        let Ok(principal) = SEQUENCER.parse::<Principal>() else { return };
+        if let Err(e) = self.apply(&Operation::Tick {}, op_id, &principal, Authority::Sequencer) {
+            tracing::error!(error = %e.message, "tick refused");
+        }
+    }
+
+    /// Sends the pending batch if an append slot is free, or if it is full.
+    fn send(&mut self) {
+        if self.pending.records.is_empty() || self.in_flight.len() >= self.settings.max_in_flight {
+            return;
+        }
+        // Split at the byte bound: a batch never exceeds it unless one record alone does.
+        let mut batch = std::mem::take(&mut self.pending);
+        let mut rest = Batch::default();
+        if batch.bytes > self.settings.max_batch_bytes && batch.records.len() > 1 {
+            let mut bytes = 0;
+            let cut = batch
+                .records
+                .iter()
+                .position(|r| {
+                    bytes += serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+                    bytes > self.settings.max_batch_bytes
+                })
+                .unwrap_or(batch.records.len())
+                .max(1);
+            rest.records = batch.records.split_off(cut);
+            rest.bytes = batch.bytes.saturating_sub(bytes);
+            // Waiters wait for everything before them: they ride with the later part.
+            rest.waiters = std::mem::take(&mut batch.waiters);
+        }
+        self.pending = rest;
+        let last_seq = batch.records.last().map_or(0, |r| r.seq);
+        let request = AppendRequest { expected_seq: batch.records[0].seq, records: batch.records };
+        let bus = self.bus.clone();
+        let waiters = batch.waiters;
+        self.in_flight.push_back(Box::pin(async move {
+            let result = bus.request(subject::STORAGE_APPEND_KERNEL.subject, &request).await;
+            (result, waiters, last_seq)
+        }));
+    }
+
+    /// Releases the waiters of a committed batch; `false` (after failing them) when the append
+    /// failed and the state must be rebuilt.
+    fn committed(&mut self, result: Result<AppendReply, RequestError>, waiters: Vec<Waiter>, last_seq: u64) -> bool {
+        match result {
+            Ok(reply) if reply.last_seq == last_seq => {
+                for waiter in waiters {
+                    waiter(Ok(()));
+                }
+                if self.in_flight.is_empty() && self.pending.records.is_empty() {
+                    // Queries and duplicates that arrived while only appends were in flight.
+                    for waiter in std::mem::take(&mut self.pending.waiters) {
+                        waiter(Ok(()));
+                    }
+                    self.report();
+                    self.maybe_snapshot();
+                }
+                true
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(reply) => format!("storage acknowledged up to {} where {last_seq} was sent", reply.last_seq),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %why, "append failed: rebuilding the state from the log");
+                let error = unavailable("rebuilding its state after a failed append");
+                for waiter in waiters {
+                    waiter(Err(error.clone()));
+                }
+                false
+            }
+        }
+    }
+
+    /// Fails everything waiting: this batch, those in flight after it (waited for, so the
+    /// rebuild reads a log nobody is still appending to), the pending one. An append that
+    /// landed after all is in the rebuilt state; its caller's retry with the same operation id
+    /// gets the first result.
+    async fn fail_all(&mut self) {
+        let error = unavailable("rebuilding its state after a failed append");
+        let pending = std::mem::take(&mut self.pending);
+        for waiter in pending.waiters {
+            waiter(Err(error.clone()));
+        }
+        while let Some((_, waiters, _)) = self.in_flight.next().await {
+            for waiter in waiters {
+                waiter(Err(error.clone()));
+            }
+        }
+    }
+
+    /// Replaces the state with what the log holds, retrying until storage answers; meanwhile
+    /// every input is refused with `unavailable` rather than queued.
+    async fn rebuild(&mut self, inputs: &mut mpsc::Receiver<Input>) {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            refuse_queued(inputs);
+            match recovery::recover(&self.bus, self.settings.idempotency_window).await {
+                Ok(recovered) => {
+                    tracing::info!(seq = recovered.state.last_seq(), replayed = recovered.replayed, "state rebuilt");
+                    self.state = recovered.state;
+                    self.head_hash = recovered.head_hash;
+                    self.report();
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot rebuild yet");
+                    let until = tokio::time::Instant::now() + wait;
+                    while let Ok(Some(input)) = tokio::time::timeout_at(until, inputs.recv()).await {
+                        refuse(input);
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let seq = self.state.last_seq();
+        if self.settings.snapshot_every == 0 || seq < self.last_snapshot + self.settings.snapshot_every {
+            return;
+        }
+        self.last_snapshot = seq;
+        match self.state.encode() {
+            Ok(encoded) => {
+                let bus = self.bus.clone();
+                tokio::spawn(async move {
+                    match recovery::put_snapshot(&bus, seq, &encoded).await {
+                        Ok(()) => tracing::info!(seq, bytes = encoded.len(), "snapshot stored"),
+                        Err(e) => tracing::warn!(seq, error = %e.message, "snapshot not stored"),
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "state does not encode"),
+        }
+    }
+}
+
+fn refuse(input: Input) {
+    let error = unavailable("rebuilding its state from the log (storage unreachable)");
+    match input {
+        Input::Submit { reply, .. } => {
+            let _ = reply.send(Err(error));
+        }
+        // A query's answer is computed on a state that is being replaced: dropping it makes
+        // its caller's wait fail with `unavailable`.
+        Input::Query(_) => {}
+    }
+}
+
+fn refuse_queued(inputs: &mut mpsc::Receiver<Input>) {
+    while let Ok(input) = inputs.try_recv() {
+        refuse(input);
+    }
+}

@@ -1,0 +1,392 @@
+//! The kernel over NATS with storage and auth running: operations verified, sequenced, made
+//! durable and answered; duplicates; denials; queries; deadlines fired by logged ticks; a
+//! standby taking over with the same state hash; storage stopped mid-load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use toka_shared::access::Role;
+use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_shared::api::kernel::{
+    AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, SubmitBatchReply,
+    SubmitBatchRequest, SubmitReply, SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskState,
+    TaskView,
+};
+use toka_shared::api::storage::{ReadReply, ReadRequest};
+use toka_shared::capability::{Action, Capability, Pattern};
+use toka_shared::record::{Hash, LogName};
+use toka_shared::runtime::bus::{Bus, RequestError};
+use toka_shared::spec::{AgentSpec, TaskSpec};
+use toka_shared::subject::{self, service};
+use toka_shared::wire::{ErrorCode, WireError};
+use toka_shared::{AgentId, Event, OpId, Operation, TaskId};
+use tokio::sync::watch;
+
+use crate::assert_eventually;
+use crate::auth::start_auth;
+use crate::harness::{Nats, Running, TempDir, spawn_service};
+use crate::storage::start_storage;
+
+/// A kernel reporting its (durable seq, state hash).
+async fn start_kernel(nats: &Nats, instance: &str) -> (Running, watch::Receiver<(u64, Hash)>) {
+    let (report, hashes) = watch::channel((0, Hash::ZERO));
+    let kernel =
+        toka_kernel::KernelConfig { instance: instance.into(), lease_ttl_ms: 900, tick_ms: 20, ..Default::default() };
+    let running = spawn_service(service::KERNEL, nats, Role::Kernel, move |nats, admin, bus, stop| {
+        toka_kernel::run_reporting(toka_kernel::Config { nats, admin, kernel, ..Default::default() }, bus, stop, report)
+    })
+    .await;
+    (running, hashes)
+}
+
+struct Stack {
+    nats: Nats,
+    dir: TempDir,
+    storage: Option<Running>,
+    _auth: Running,
+    admin_key: String,
+    client: Bus,
+}
+
+impl Stack {
+    async fn start(tag: &str) -> Option<Stack> {
+        let nats = Nats::start().await?;
+        let dir = TempDir::new(tag);
+        let storage = start_storage(&nats, &dir.0.join("storage")).await;
+        let admin_key = toka_shared::runtime::deploy::new_admin_key().unwrap();
+        let key_file = dir.0.join("admin.key");
+        toka_shared::runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
+        let auth = start_auth(&nats, &dir.0.join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
+        let client = nats.connect(Role::Client).await;
+        Some(Stack { nats, dir, storage: Some(storage), _auth: auth, admin_key, client })
+    }
+
+    async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
+        let request = IssueRequest {
+            credential: Credential::AdminKey(self.admin_key.clone()),
+            sub: sub.parse().unwrap(),
+            capabilities: caps,
+            ttl_ms: 3_600_000,
+            one_time: false,
+        };
+        let reply: TokenReply = self.client.request(subject::AUTH_ISSUE.subject, &request).await.unwrap();
+        reply.token
+    }
+
+    async fn operator(&self) -> String {
+        let agents = Capability::new(Pattern::AnyAgent, AGENT_ACTIONS);
+        let tasks = Capability::new(Pattern::AnyQueue, TASK_ACTIONS);
+        self.token("operator", vec![agents, tasks]).await
+    }
+
+    async fn kernel_log(&self) -> Vec<toka_shared::KernelRecord> {
+        let operator = self.nats.connect(Role::Operator).await;
+        let mut records = Vec::new();
+        loop {
+            let request = ReadRequest {
+                log: LogName::Kernel,
+                from_seq: records.len() as u64 + 1,
+                max_records: 1_000,
+                max_bytes: 900_000,
+            };
+            let page: ReadReply<Operation> = operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
+            if page.records.is_empty() {
+                return records;
+            }
+            records.extend(page.records);
+        }
+    }
+}
+
+const AGENT_ACTIONS: &[Action] = &[
+    Action::Spawn,
+    Action::Suspend,
+    Action::Resume,
+    Action::Terminate,
+    Action::Schedule,
+    Action::Cancel,
+    Action::Observe,
+    Action::Report,
+    Action::Read,
+];
+const TASK_ACTIONS: &[Action] = &[Action::Claim, Action::Heartbeat, Action::Complete, Action::Fail, Action::Read];
+
+static NEXT_OP: AtomicU64 = AtomicU64::new(1);
+
+fn op_id() -> OpId {
+    OpId::from_u128(u128::from(NEXT_OP.fetch_add(1, Ordering::Relaxed)) | (7 << 100))
+}
+
+async fn submit(bus: &Bus, token: &str, op_id: OpId, op: Operation) -> Result<SubmitReply, WireError> {
+    let request = SubmitRequest { op_id, token: token.to_owned(), op };
+    bus.request(subject::KERNEL_SUBMIT.subject, &request).await.map_err(|e| match e {
+        RequestError::Remote(e) => e,
+        other => other.to_wire(),
+    })
+}
+
+fn spawn(name: &str, parent: Option<AgentId>) -> Operation {
+    Operation::SpawnAgent(AgentSpec { name: name.parse().unwrap(), parent, limits: Default::default() })
+}
+
+fn spawned(reply: &SubmitReply) -> AgentId {
+    match &reply.events[0] {
+        Event::AgentSpawned { agent, .. } => *agent,
+        other => panic!("expected agent.spawned, got {other:?}"),
+    }
+}
+
+fn scheduled(reply: &SubmitReply) -> TaskId {
+    match &reply.events[0] {
+        Event::TaskScheduled { task, .. } => *task,
+        other => panic!("expected task.scheduled, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_are_verified_sequenced_durable_and_queryable() {
+    let Some(stack) = Stack::start("kernel-e2e").await else { return };
+    let (_kernel, _) = start_kernel(&stack.nats, "k1").await;
+    let op = stack.operator().await;
+    let bus = &stack.client;
+
+    let first_id = op_id();
+    let root = submit(bus, &op, first_id, spawn("root", None)).await.unwrap();
+    let agent = spawned(&root);
+    let again = submit(bus, &op, first_id, spawn("root", None)).await.unwrap();
+    assert_eq!((again.seq, again.events.clone()), (root.seq, root.events.clone()), "a duplicate gets the first result");
+    let reused = submit(bus, &op, first_id, spawn("other", None)).await.unwrap_err();
+    assert_eq!(reused.code, ErrorCode::Conflict, "{reused:?}");
+
+    let spec = |timeouts| TaskSpec {
+        agent,
+        queue: "builds".parse().unwrap(),
+        payload: "make all".into(),
+        priority: 0,
+        timeouts,
+        retry: toka_shared::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
+    };
+    let task = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(spec(Default::default()))).await.unwrap());
+    let worker = stack
+        .token(
+            "worker-1",
+            vec![Capability::new(
+                Pattern::Queue("builds".parse().unwrap()),
+                &[Action::Claim, Action::Complete, Action::Read],
+            )],
+        )
+        .await;
+    let claim = Operation::ClaimTask { queue: "builds".parse().unwrap(), worker: "w1".into() };
+    let claimed = submit(bus, &worker, op_id(), claim.clone()).await.unwrap();
+    assert!(matches!(&claimed.events[0], Event::TaskClaimed { task: t, .. } if *t == task), "{:?}", claimed.events);
+    let complete = Operation::CompleteTask { task, attempt: 1, result: "ok".into() };
+    let done = submit(bus, &worker, op_id(), complete).await.unwrap();
+    assert!(matches!(&done.events[0], Event::TaskCompleted { .. }), "{:?}", done.events);
+    let empty = submit(bus, &worker, op_id(), claim).await.unwrap_err();
+    assert_eq!(empty.code, ErrorCode::NotFound, "{empty:?}");
+
+    // Deadlines fire through logged ticks. Never claimed within 100 ms: timed out.
+    let task_state = |task: TaskId| {
+        let req = TaskGetRequest { token: op.clone(), task };
+        async move { bus.request::<_, TaskView>(subject::KERNEL_TASK_GET.subject, &req).await.unwrap() }
+    };
+    let timeouts = toka_shared::spec::Timeouts { schedule_to_start_us: Some(100_000), ..Default::default() };
+    let late = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(spec(timeouts))).await.unwrap());
+    assert_eventually!(
+        Duration::from_secs(5),
+        task_state(late).await.state == TaskState::TimedOut,
+        "timed out unclaimed"
+    );
+    // Claimed but never completed within 100 ms: retried after its backoff, then parked when
+    // the attempts are used up.
+    let flaky = TaskSpec {
+        queue: "slow".parse().unwrap(),
+        timeouts: toka_shared::spec::Timeouts { start_to_close_us: Some(100_000), ..Default::default() },
+        retry: toka_shared::spec::RetryPolicy { max_attempts: 2, initial_backoff_us: 50_000, ..Default::default() },
+        ..spec(Default::default())
+    };
+    let flaky = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(flaky)).await.unwrap());
+    let claim_slow = Operation::ClaimTask { queue: "slow".parse().unwrap(), worker: "w2".into() };
+    submit(bus, &op, op_id(), claim_slow.clone()).await.unwrap();
+    assert_eventually!(
+        Duration::from_secs(5),
+        {
+            let view = task_state(flaky).await;
+            view.state == TaskState::Scheduled && view.attempt == 1
+        },
+        "the timed-out attempt is retried"
+    );
+    assert_eventually!(
+        Duration::from_secs(5),
+        submit(bus, &op, op_id(), claim_slow.clone()).await.is_ok(),
+        "claimed again after the backoff"
+    );
+    assert_eventually!(
+        Duration::from_secs(5),
+        task_state(flaky).await.state == TaskState::Parked,
+        "parked after two attempts"
+    );
+
+    // A token for another agent may not act on this one; the kernel says why.
+    let other = spawned(&submit(bus, &op, op_id(), spawn("other", None)).await.unwrap());
+    let narrow = stack.token("agent-other", vec![Capability::new(Pattern::Subtree(other), AGENT_ACTIONS)]).await;
+    let denied =
+        submit(bus, &narrow, op_id(), Operation::TerminateAgent { agent, reason: "no".into() }).await.unwrap_err();
+    assert_eq!(denied.code, ErrorCode::Forbidden, "{denied:?}");
+    let child = submit(bus, &narrow, op_id(), spawn("child", Some(other))).await.unwrap();
+    assert!(matches!(&child.events[0], Event::AgentSpawned { parent: Some(p), .. } if *p == other));
+    let garbage = submit(bus, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln", op_id(), spawn("x", None)).await.unwrap_err();
+    assert_eq!(garbage.code, ErrorCode::Unauthorized);
+
+    // Queries, with the caller's read rights applied.
+    let view: AgentView =
+        bus.request(subject::KERNEL_AGENT_GET.subject, &AgentGetRequest { token: op.clone(), agent }).await.unwrap();
+    assert_eq!((view.name.as_str(), view.state), ("root", AgentState::Running));
+    let hidden = bus
+        .request::<_, AgentView>(subject::KERNEL_AGENT_GET.subject, &AgentGetRequest { token: narrow.clone(), agent })
+        .await
+        .unwrap_err();
+    assert!(matches!(hidden, RequestError::Remote(ref e) if e.code == ErrorCode::Forbidden), "{hidden:?}");
+    let list = AgentListRequest { token: narrow.clone(), parent: None, state: None, after: None, limit: 100 };
+    let mine: AgentListReply = bus.request(subject::KERNEL_AGENT_LIST.subject, &list).await.unwrap();
+    assert_eq!(mine.agents.len(), 2, "only its own subtree: {:?}", mine.agents);
+    let page = AgentListRequest { token: op.clone(), parent: None, state: None, after: None, limit: 1 };
+    let first: AgentListReply = bus.request(subject::KERNEL_AGENT_LIST.subject, &page).await.unwrap();
+    assert_eq!(first.agents.len(), 1);
+    assert!(first.next_after.is_some(), "paged");
+    let tasks = TaskListRequest {
+        token: worker.clone(),
+        agent: None,
+        queue: Some("builds".parse().unwrap()),
+        state: Some(TaskState::Completed),
+        after: None,
+        limit: 10,
+    };
+    let completed: TaskListReply = bus.request(subject::KERNEL_TASK_LIST.subject, &tasks).await.unwrap();
+    assert_eq!(completed.tasks.iter().map(|t| t.task).collect::<Vec<_>>(), vec![task]);
+
+    // A batch: one result per operation, in order, contiguous sequences.
+    let ops = (0..50).map(|i| BatchItem { op_id: op_id(), op: spawn(&format!("b{i}"), Some(agent)) }).collect();
+    let batch: SubmitBatchReply = bus
+        .request(subject::KERNEL_SUBMIT_BATCH.subject, &SubmitBatchRequest { token: op.clone(), ops })
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = batch.results.into_iter().map(|r| r.into_result().unwrap().seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+
+    // Everything acknowledged is in the log, chained, and replays.
+    let log = stack.kernel_log().await;
+    assert_eq!(log.last().unwrap().seq, *seqs.last().unwrap());
+    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    assert!(log.iter().any(|r| matches!(r.op, Operation::Tick {})), "the tick is logged");
+    let mut replayed = toka_kernel::machine::State::default();
+    for record in &log {
+        replayed.replay(record).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_with_the_state_hash_of_the_log() {
+    let Some(stack) = Stack::start("kernel-standby").await else { return };
+    let (active, active_hash) = start_kernel(&stack.nats, "active").await;
+    let (report, mut standby_hash) = watch::channel((0, Hash::ZERO));
+    let standby_config =
+        toka_kernel::KernelConfig { instance: "standby".into(), lease_ttl_ms: 900, ..Default::default() };
+    let standby_bus = stack.nats.connect(Role::Kernel).await;
+    let (stop_standby, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config =
+        toka_kernel::Config { nats: stack.nats.config(Role::Kernel), kernel: standby_config, ..Default::default() };
+    let standby = tokio::spawn(toka_kernel::run_reporting(
+        config,
+        standby_bus,
+        async move {
+            let _ = stopped.await;
+        },
+        report,
+    ));
+
+    let op = Arc::new(stack.operator().await);
+    let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (bus, op) = (stack.client.clone(), op.clone());
+        load.spawn(async move {
+            for i in 0..25 {
+                submit(&bus, &op, op_id(), spawn(&format!("w{worker}-{i}"), Some(root))).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    assert_eventually!(Duration::from_secs(5), active_hash.borrow().0 == 201, "quiescent at 201");
+    let at_stop = *active_hash.borrow();
+    assert_eq!(*standby_hash.borrow(), (0, Hash::ZERO), "the standby waits without a state");
+
+    active.stop().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), standby_hash.wait_for(|h| h.0 == at_stop.0)).await.unwrap().unwrap();
+    assert_eq!(*standby_hash.borrow(), at_stop, "the standby rebuilt the same state from the log");
+    let more = submit(&stack.client, &op, op_id(), spawn("after", Some(root))).await.unwrap();
+    assert_eq!(more.seq, at_stop.0 + 1, "the new sequencer continues the log");
+    let _ = stop_standby.send(());
+    standby.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and_resumes() {
+    let Some(mut stack) = Stack::start("kernel-storage-down").await else { return };
+    let (_kernel, hashes) = start_kernel(&stack.nats, "k").await;
+    let op = Arc::new(stack.operator().await);
+    let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let refused = Arc::new(AtomicU64::new(0));
+    let stop_load = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let (bus, op, acknowledged, refused, stop) =
+            (stack.client.clone(), op.clone(), acknowledged.clone(), refused.clone(), stop_load.clone());
+        load.spawn(async move {
+            for i in 0..2_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = op_id();
+                match submit(&bus, &op, id, spawn(&format!("w{worker}-{i}"), Some(root))).await {
+                    Ok(reply) => acknowledged.lock().unwrap().push((id, reply.seq)),
+                    Err(e) => {
+                        assert_eq!(e.code, ErrorCode::Unavailable, "{e:?}");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+    }
+    assert_eventually!(Duration::from_secs(10), acknowledged.lock().unwrap().len() >= 100, "load running");
+    stack.storage.take().unwrap().stop().await.unwrap();
+    assert_eventually!(
+        Duration::from_secs(10),
+        refused.load(Ordering::Relaxed) >= 5,
+        "callers refused while storage is down"
+    );
+    let before = acknowledged.lock().unwrap().len();
+    stack.storage = Some(start_storage(&stack.nats, &stack.dir.0.join("storage")).await);
+    assert_eventually!(Duration::from_secs(15), acknowledged.lock().unwrap().len() >= before + 100, "service resumed");
+    stop_load.store(true, Ordering::Relaxed);
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+    let log = stack.kernel_log().await;
+    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    for (id, seq) in acknowledged.lock().unwrap().iter() {
+        let record = &log[(*seq - 1) as usize];
+        assert_eq!(record.op_id, *id, "acknowledged op at {seq} is durable");
+    }
+    let mut replayed = toka_kernel::machine::State::default();
+    for record in &log {
+        replayed.replay(record).unwrap();
+    }
+    assert_eventually!(Duration::from_secs(5), hashes.borrow().0 == log.len() as u64, "quiescent");
+    assert_eq!(*hashes.borrow(), (log.len() as u64, replayed.hash().unwrap()), "the kernel's state is the log's");
+}

@@ -6,8 +6,11 @@
 //! - `toka ping`: which Toka services answer the NATS services API's `$SRV.PING`.
 //! - `toka token issue`: a token from auth, asked for with the deployment's admin key.
 //! - `toka load storage`: durable appends through NATS, with throughput and latency percentiles.
+//! - `toka load kernel`: durable operations through the kernel, closed-loop clients, percentiles;
+//!   `toka load nats`: the same against a plain NATS echo, the baseline.
 
 mod load;
+mod load_kernel;
 mod token;
 
 use std::path::{Path, PathBuf};
@@ -83,6 +86,12 @@ enum Load {
     /// Durable appends to storage's kernel log through NATS (run against a stack with no kernel
     /// writing, e.g. `make run` with the kernel stopped, or a fresh storage).
     Storage(load::StorageLoad),
+    /// Durable operations through the kernel: closed-loop clients submitting a mix of
+    /// operations (verified, sequenced, applied, stored) against a running stack.
+    Kernel(load_kernel::KernelLoad),
+    /// The baseline: plain NATS request/reply to an echo in this process, same clients and
+    /// timing, against a plain server (e.g. `nats-server -p 4333`).
+    Nats(load_kernel::NatsLoad),
 }
 
 const SERVICES: [(Role, &str); 4] =
@@ -182,6 +191,16 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(token::issue(args))),
+        Command::Load(Load::Kernel(load)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(load_kernel::kernel(load))),
+        Command::Load(Load::Nats(load)) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(load_kernel::nats(load))),
         Command::Load(Load::Storage(load)) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

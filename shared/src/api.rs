@@ -77,6 +77,9 @@ pub mod kernel {
         /// For `agent.spawn`: a token for the new agent, scoped to it and its descendants.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub agent_token: Option<String>,
+        /// For an accepted `task.claim`: the claimed task's payload, for the worker.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub task_payload: Option<String>,
     }
 
     /// One operation of a batch.

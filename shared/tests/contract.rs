@@ -515,7 +515,7 @@ proptest! {
     #[test]
     fn arbitrary_replies_validate(events in proptest::collection::vec(event(), 0..3), seq in 1u64.., time in u64s(), code in proptest::sample::select(ErrorCode::ALL.to_vec()), msg in short(), retry in opt(u64s()), ok in any::<bool>()) {
         let reply = if ok {
-            Reply::Ok(SubmitReply { seq, time_us: time, events, agent_token: None })
+            Reply::Ok(SubmitReply { seq, time_us: time, events, agent_token: None, task_payload: None })
         } else {
             Reply::Error(WireError { retry_after_ms: retry, ..WireError::new(code, msg) })
         };

@@ -266,6 +266,29 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     let completed: TaskListReply = bus.request(subject::KERNEL_TASK_LIST.subject, &tasks).await.unwrap();
     assert_eq!(completed.tasks.iter().map(|t| t.task).collect::<Vec<_>>(), vec![task]);
 
+    // A spawned agent gets a token for itself and its descendants, delegated by auth; it uses
+    // it to spawn in turn (auth checks the descent against the kernel log), not upwards.
+    let kid_reply = submit(bus, &op, op_id(), spawn("kid", Some(agent))).await.unwrap();
+    let kid = spawned(&kid_reply);
+    let kid_token = kid_reply.agent_token.expect("a token for the spawned agent");
+    let claims = toka_shared::runtime::token::Verifier::new(
+        &bus.request(subject::AUTH_JWKS.subject, &toka_shared::api::auth::JwksRequest {}).await.unwrap(),
+        0,
+    )
+    .unwrap()
+    .verify(&kid_token, std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs())
+    .unwrap();
+    assert_eq!(claims.sub.as_str(), format!("agent:{kid}"));
+    assert_eq!(claims.caps.iter().map(|c| c.resource.clone()).collect::<Vec<_>>(), vec![Pattern::Subtree(kid)]);
+    assert_eq!(claims.depth, 1, "delegated from the spawner's token");
+    let grandkid_reply = submit(bus, &kid_token, op_id(), spawn("grandkid", Some(kid))).await.unwrap();
+    let grandkid_token = grandkid_reply.agent_token.expect("the child's child gets one too");
+    let upwards =
+        submit(bus, &kid_token, op_id(), Operation::SuspendAgent { agent, reason: "mine".into() }).await.unwrap_err();
+    assert_eq!(upwards.code, ErrorCode::Forbidden, "{upwards:?}");
+    let sideways = submit(bus, &grandkid_token, op_id(), spawn("x", Some(kid))).await.unwrap_err();
+    assert_eq!(sideways.code, ErrorCode::Forbidden, "{sideways:?}");
+
     // A batch: one result per operation, in order, contiguous sequences.
     let ops = (0..50).map(|i| BatchItem { op_id: op_id(), op: spawn(&format!("b{i}"), Some(agent)) }).collect();
     let batch: SubmitBatchReply = bus
@@ -389,4 +412,77 @@ async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and
     }
     assert_eventually!(Duration::from_secs(5), hashes.borrow().0 == log.len() as u64, "quiescent");
     assert_eq!(*hashes.borrow(), (log.len() as u64, replayed.hash().unwrap()), "the kernel's state is the log's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_library_claims_heartbeats_completes_and_fails_tasks() {
+    use toka_shared::runtime::worker::{Claimed, Failure, Worker};
+    let Some(stack) = Stack::start("kernel-worker").await else { return };
+    let (_kernel, _) = start_kernel(&stack.nats, "k").await;
+    let op = stack.operator().await;
+    let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
+    let jobs: toka_shared::spec::QueueName = "jobs".parse().unwrap();
+    for payload in ["one two", "three", "bad", "four five six"] {
+        let spec = TaskSpec {
+            agent: root,
+            queue: jobs.clone(),
+            payload: payload.into(),
+            priority: 0,
+            timeouts: toka_shared::spec::Timeouts { heartbeat_us: Some(2_000_000), ..Default::default() },
+            retry: toka_shared::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
+        };
+        submit(&stack.client, &op, op_id(), Operation::ScheduleTask(spec)).await.unwrap();
+    }
+    let caps = vec![Capability::new(
+        Pattern::Queue(jobs.clone()),
+        &[Action::Claim, Action::Heartbeat, Action::Complete, Action::Fail, Action::Read],
+    )];
+    let worker_token = stack.token("worker-7", caps).await;
+    let worker = Worker::new(stack.client.clone(), worker_token.clone(), jobs.clone(), "test-worker".into());
+    let handler = |task: Claimed| async move {
+        // Long enough for a few heartbeats at 50 ms.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if task.payload == "bad" {
+            Err(Failure { error: "cannot do bad".into(), retryable: false })
+        } else {
+            Ok(format!("{} words", task.payload.split_whitespace().count()))
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        worker
+            .run(Duration::from_millis(50), handler, async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let list = |state| TaskListRequest {
+        token: worker_token.clone(),
+        agent: None,
+        queue: Some(jobs.clone()),
+        state: Some(state),
+        after: None,
+        limit: 10,
+    };
+    assert_eventually!(
+        Duration::from_secs(10),
+        {
+            let done: TaskListReply =
+                stack.client.request(subject::KERNEL_TASK_LIST.subject, &list(TaskState::Completed)).await.unwrap();
+            done.tasks.len() == 3
+        },
+        "three tasks completed"
+    );
+    let failed: TaskListReply =
+        stack.client.request(subject::KERNEL_TASK_LIST.subject, &list(TaskState::Parked)).await.unwrap();
+    let failed_too: TaskListReply =
+        stack.client.request(subject::KERNEL_TASK_LIST.subject, &list(TaskState::Failed)).await.unwrap();
+    assert_eq!(failed.tasks.len() + failed_too.tasks.len(), 1, "the bad one failed for good");
+    let _ = stop.send(());
+    assert_eq!(running.await.unwrap(), 4, "four tasks finished");
+    let log = stack.kernel_log().await;
+    let beats = log.iter().filter(|r| matches!(r.op, Operation::HeartbeatTask { .. })).count();
+    assert!(beats >= 4, "heartbeats while working: {beats}");
+    let claims: Vec<_> = log.iter().filter(|r| matches!(r.op, Operation::ClaimTask { .. })).collect();
+    assert!(claims.iter().all(|r| r.principal.as_str() == "worker-7"));
 }

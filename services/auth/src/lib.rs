@@ -224,6 +224,29 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The deepest agent tree walked when checking a delegation's descent.
+const MAX_LINEAGE_DEPTH: usize = 64;
+
+/// Parents of agents as the kernel log recorded them.
+#[derive(Debug, Default)]
+struct LogLineage {
+    parents: BTreeMap<toka_shared::AgentId, Option<toka_shared::AgentId>>,
+}
+
+impl toka_shared::capability::Lineage for LogLineage {
+    fn is_descendant(&self, agent: toka_shared::AgentId, ancestor: toka_shared::AgentId) -> bool {
+        let mut at = self.parents.get(&agent).copied().flatten();
+        for _ in 0..MAX_LINEAGE_DEPTH {
+            match at {
+                Some(p) if p == ancestor => return true,
+                Some(p) => at = self.parents.get(&p).copied().flatten(),
+                None => return false,
+            }
+        }
+        false
+    }
+}
+
 /// The principal of callers whose credential did not verify.
 const UNVERIFIED: &str = "unverified";
 
@@ -352,6 +375,47 @@ impl Auth {
         Ok(TokenReply { token, jti: claims.jti, expires_at_us, depth: 0 })
     }
 
+    /// Where each agent named by `caps` sits in the tree, read from the kernel log's
+    /// `agent.spawned` events: the lineage delegation checks descent against. Only durable
+    /// spawns count, so a caller cannot claim a descent the kernel never recorded.
+    async fn lineage_of(&self, caps: &[toka_shared::Capability]) -> Result<LogLineage, WireError> {
+        let mut lineage = LogLineage::default();
+        for cap in caps {
+            let (toka_shared::capability::Pattern::Agent(start) | toka_shared::capability::Pattern::Subtree(start)) =
+                cap.resource
+            else {
+                continue;
+            };
+            let mut at = start;
+            for _ in 0..MAX_LINEAGE_DEPTH {
+                if lineage.parents.contains_key(&at) {
+                    break;
+                }
+                let query = QueryRequest {
+                    log: LogName::Kernel,
+                    entity: Some(at.to_string()),
+                    event_type: Some("agent.spawned".into()),
+                    from_time_us: None,
+                    to_time_us: None,
+                    after: None,
+                    limit: 1,
+                };
+                let page: QueryReply =
+                    self.bus.request(subject::STORAGE_QUERY.subject, &query).await.map_err(|e| e.to_wire())?;
+                let parent = match page.hits.first().map(|h| &h.event) {
+                    Some(Event::AgentSpawned { agent, parent, .. }) if *agent == at => *parent,
+                    _ => None,
+                };
+                lineage.parents.insert(at, parent);
+                match parent {
+                    Some(p) => at = p,
+                    None => break,
+                }
+            }
+        }
+        Ok(lineage)
+    }
+
     async fn delegate(&self, req: DelegateRequest) -> Result<TokenReply, WireError> {
         let parent = self.verify(&req.token).map_err(|e| {
             self.ledger.deny(UNVERIFIED, "token.delegate", "token:*", &e.to_string());
@@ -359,6 +423,7 @@ impl Auth {
         })?;
         self.limit("delegate", parent.sub.as_str())?;
         let ttl_s = self.ttl_s(req.ttl_ms)?;
+        let lineage = self.lineage_of(&req.capabilities).await?;
         let now = now_us();
         let claims = token::delegate(
             &parent,
@@ -369,7 +434,7 @@ impl Auth {
             fresh_jti(now)?,
             now / 1_000_000,
             self.config.max_delegation_depth,
-            &NoLineage,
+            &lineage,
         )
         .map_err(|e| {
             let resource = format!("token:{}", parent.jti);

@@ -24,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use toka_shared::api::auth::{Claims, DelegateRequest, TokenReply};
 use toka_shared::api::kernel::{
     AgentGetRequest, AgentListReply, AgentListRequest, AgentView, SubmitBatchReply, SubmitBatchRequest, SubmitReply,
     SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskView,
 };
-use toka_shared::capability::Target;
+use toka_shared::capability::{Pattern, Target};
 use toka_shared::record::Hash;
 use toka_shared::runtime::bus::Bus;
 use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
@@ -79,6 +80,9 @@ pub struct KernelConfig {
     pub idempotency_window: u64,
     /// Rate limits per principal: `submit` (each operation) and `query`.
     pub rate_limits: BTreeMap<String, Rate>,
+    /// The longest lifetime of a spawned agent's token, in milliseconds (never past the
+    /// spawner's own token).
+    pub agent_token_ttl_ms: u64,
 }
 
 impl Default for KernelConfig {
@@ -97,6 +101,7 @@ impl Default for KernelConfig {
                 ("submit".to_owned(), Rate::new(20_000, 40_000)),
                 ("query".to_owned(), Rate::new(5_000, 10_000)),
             ]),
+            agent_token_ttl_ms: 3_600_000,
         }
     }
 }
@@ -146,9 +151,11 @@ pub enum Error {
 
 /// What the endpoints share.
 struct Kernel {
+    bus: Bus,
     verifier: LiveVerifier,
     limits: Limits,
     inputs: mpsc::Sender<Input>,
+    agent_token_ttl_ms: u64,
 }
 
 fn unavailable(message: &str) -> WireError {
@@ -184,7 +191,75 @@ impl Kernel {
         let claims = self.caller(&req.token, "submit").await?;
         let wait = self.submit_one(&claims, req.op_id, req.op).await?;
         let accepted = wait.await.map_err(|_| unavailable("the kernel is stopping"))??;
-        Ok(SubmitReply { seq: accepted.seq, time_us: accepted.time_us, events: accepted.events, agent_token: None })
+        let (mut agent_token, mut task_payload) = (None, None);
+        match accepted.events.first() {
+            Some(toka_shared::Event::AgentSpawned { agent, .. }) => {
+                agent_token = self.agent_token(&req.token, &claims, *agent).await;
+            }
+            Some(toka_shared::Event::TaskClaimed { task, .. }) => task_payload = self.payload(*task).await,
+            _ => {}
+        }
+        Ok(SubmitReply {
+            seq: accepted.seq,
+            time_us: accepted.time_us,
+            events: accepted.events,
+            agent_token,
+            task_payload,
+        })
+    }
+
+    /// A task's payload, from the state.
+    async fn payload(&self, task: toka_shared::TaskId) -> Option<String> {
+        let (reply, wait) = oneshot::channel();
+        let query: sequencer::Query = Box::new(move |state: &State| {
+            let payload = state.task_payload(task).map(str::to_owned);
+            Box::new(move || {
+                let _ = reply.send(payload);
+            })
+        });
+        self.enqueue(Input::Query(query)).ok()?;
+        wait.await.ok()?
+    }
+
+    /// A token for a newly spawned agent, delegated by auth from the caller's: the actions of
+    /// the caller's widest capability over the new agent, on `agent:<id>/**`, for at most
+    /// `kernel.agent_token_ttl_ms` and never past the caller's own expiry. The spawn is
+    /// durable whatever happens here; without a token the reply says so by leaving it out.
+    async fn agent_token(&self, token: &str, claims: &Claims, agent: toka_shared::AgentId) -> Option<String> {
+        let subtree = Pattern::Subtree(agent);
+        let caps = claims.caps.clone();
+        let pattern = subtree.clone();
+        let (reply, wait) = oneshot::channel();
+        let query: sequencer::Query = Box::new(move |state: &State| {
+            let chosen =
+                state.widest_covering(&caps, &pattern).map(|c| Capability { resource: pattern, actions: c.actions });
+            Box::new(move || {
+                let _ = reply.send(chosen);
+            })
+        });
+        self.enqueue(Input::Query(query)).ok()?;
+        let capability = wait.await.ok()??;
+        let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+        let left_ms = claims.exp.saturating_sub(now_s + 1).saturating_mul(1_000);
+        let ttl_ms = left_ms.min(self.agent_token_ttl_ms);
+        if ttl_ms < 1_000 {
+            return None;
+        }
+        let sub = format!("agent:{agent}").parse().ok()?;
+        let request = DelegateRequest {
+            token: token.to_owned(),
+            sub: Some(sub),
+            capabilities: vec![capability],
+            ttl_ms,
+            one_time: false,
+        };
+        match self.bus.request::<_, TokenReply>(subject::AUTH_DELEGATE.subject, &request).await {
+            Ok(reply) => Some(reply.token),
+            Err(e) => {
+                tracing::warn!(%agent, error = %e, "no token for the spawned agent");
+                None
+            }
+        }
     }
 
     async fn submit_batch(&self, req: SubmitBatchRequest) -> Result<SubmitBatchReply, WireError> {
@@ -200,10 +275,15 @@ impl Kernel {
         let mut results = Vec::with_capacity(waits.len());
         for wait in waits {
             let result = match wait {
-                Ok(wait) => wait
-                    .await
-                    .unwrap_or_else(|_| Err(unavailable("the kernel is stopping")))
-                    .map(|a| SubmitReply { seq: a.seq, time_us: a.time_us, events: a.events, agent_token: None }),
+                Ok(wait) => {
+                    wait.await.unwrap_or_else(|_| Err(unavailable("the kernel is stopping"))).map(|a| SubmitReply {
+                        seq: a.seq,
+                        time_us: a.time_us,
+                        events: a.events,
+                        agent_token: None,
+                        task_payload: None,
+                    })
+                }
                 Err(e) => Err(e),
             };
             results.push(Reply::from(result));
@@ -422,7 +502,13 @@ pub async fn run_reporting(
     let (stop_sequencer, sequencer_stop) = watch::channel(false);
     let sequencer =
         tokio::spawn(Sequencer::new(bus.clone(), sequencer_settings, recovered, report).run(rx, sequencer_stop));
-    let kernel = Arc::new(Kernel { verifier, limits, inputs });
+    let kernel = Arc::new(Kernel {
+        bus: bus.clone(),
+        verifier,
+        limits,
+        inputs,
+        agent_token_ttl_ms: settings.agent_token_ttl_ms,
+    });
     register(&mut host, &kernel).await?;
 
     // Renew the lease; if it is lost, stop at once: the new holder is the only sequencer.

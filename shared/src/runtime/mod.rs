@@ -14,6 +14,7 @@
 //! - [`token`]: signing and verifying capability tokens (Ed25519 JWTs).
 //! - [`verifier`]: the token verifier kept current from auth over NATS (keys, revocations,
 //!   heartbeat), failing closed when auth falls silent.
+//! - [`worker`]: claim, heartbeat, complete and fail tasks: the worker loop.
 //! - [`limit`]: GCRA rate limits per principal and operation class.
 //! - [`lease`]: a single-holder lease in a NATS key-value bucket with a TTL.
 
@@ -28,3 +29,4 @@ pub mod observe;
 pub mod shutdown;
 pub mod token;
 pub mod verifier;
+pub mod worker;

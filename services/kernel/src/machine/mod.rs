@@ -822,6 +822,16 @@ impl State {
         toka_shared::capability::allows(caps, action, target, &Tree(&self.agents))
     }
 
+    /// Of `caps`, the one that covers `pattern` with the most actions (descent resolved against
+    /// the tree): what a spawned agent's token is delegated from.
+    pub fn widest_covering<'c>(
+        &self,
+        caps: &'c [Capability],
+        pattern: &toka_shared::capability::Pattern,
+    ) -> Option<&'c Capability> {
+        caps.iter().filter(|c| c.resource.covers(pattern, &Tree(&self.agents))).max_by_key(|c| c.actions.iter().count())
+    }
+
     /// Every agent id, in order.
     pub fn agent_ids(&self) -> impl Iterator<Item = AgentId> + '_ {
         self.agents.keys().copied()

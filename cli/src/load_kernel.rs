@@ -1,0 +1,349 @@
+//! `toka load kernel` and `toka load nats`: closed-loop clients measured end to end.
+//!
+//! `kernel`: `--concurrency` clients, each with one `toka.kernel.v1.submit` outstanding at a
+//! time (the next sent when the reply arrives), for `--warmup` seconds unmeasured then
+//! `--duration` seconds measured. Each reply means the operation was verified, sequenced,
+//! applied and made durable by storage. The operations follow `--mix` (weights of `spawn`,
+//! `schedule`, `report`, `observe`) on agents made at the start under one root.
+//!
+//! `nats`: the same clients and timing against a plain NATS request/reply echo served in this
+//! process, with a payload of the same size: what the bus alone costs on the same machine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_shared::api::kernel::{SubmitReply, SubmitRequest};
+use toka_shared::capability::{Action, Capability, Pattern};
+use toka_shared::runtime::bus::Bus;
+use toka_shared::runtime::config::NatsConfig;
+use toka_shared::spec::{AgentSpec, TaskSpec};
+use toka_shared::{AgentId, Event, OpId, Operation, subject};
+
+/// How the clients run (shared by both loads).
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub(crate) struct Clients {
+    /// Clients, each with one request outstanding.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) concurrency: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) duration: u64,
+    /// Unmeasured seconds first.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) warmup: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    #[serde(skip)]
+    pub(crate) json: bool,
+}
+
+/// `toka load kernel`.
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub(crate) struct KernelLoad {
+    /// NATS server URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    pub(crate) nats_url: String,
+    /// Client nkey seed file.
+    #[arg(long, default_value = "data/creds/client.nk")]
+    pub(crate) creds: PathBuf,
+    /// The admin key file (the load issues itself a token with it).
+    #[arg(long, default_value = "data/creds/admin.key")]
+    pub(crate) admin_key_file: PathBuf,
+    /// Operation weights, e.g. `spawn=1,schedule=3,report=3,observe=3`.
+    #[arg(long, default_value = "spawn=1,schedule=3,report=3,observe=3")]
+    pub(crate) mix: String,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) clients: Clients,
+}
+
+/// `toka load nats`.
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub(crate) struct NatsLoad {
+    /// NATS server URL (a plain server: the echo subject needs no permissions).
+    #[arg(long, default_value = "nats://127.0.0.1:4333")]
+    pub(crate) nats_url: String,
+    /// Client nkey seed file, if the server wants one.
+    #[arg(long)]
+    pub(crate) creds: Option<PathBuf>,
+    /// Request and reply size in bytes (a kernel submit with its token is about 800).
+    #[arg(long, default_value_t = 800)]
+    pub(crate) payload: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) clients: Clients,
+}
+
+#[derive(Debug, Serialize)]
+struct Outcome<C: Serialize> {
+    config: C,
+    requests: u64,
+    errors: u64,
+    seconds: f64,
+    requests_per_second: f64,
+    latency_us: BTreeMap<&'static str, u64>,
+}
+
+/// What one request did.
+type Sent = Result<(), String>;
+
+/// Runs `clients` closed loops of `request(client, i)`; warm-up, then the measured window.
+async fn drive<F, Fut>(clients: &Clients, what: &str, request: F) -> anyhow::Result<(u64, u64, f64, Histogram<u64>)>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Sent> + Send,
+{
+    let request = Arc::new(request);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients.concurrency.max(1) {
+        let (request, measuring, stopping, count, errors, first_error) =
+            (request.clone(), measuring.clone(), stopping.clone(), count.clone(), errors.clone(), first_error.clone());
+        tasks.spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+            let mut i = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                let result = request(client, i).await;
+                i += 1;
+                let measured = measuring.load(Ordering::Relaxed);
+                match result {
+                    Ok(()) if measured => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        if let Some(h) = histogram.as_mut() {
+                            let _ = h.record(started.elapsed().as_micros().max(1) as u64);
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut first) = first_error.lock() {
+                            first.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            histogram
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(clients.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let end = started + Duration::from_secs(clients.duration.max(1));
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_secs(1).min(end.saturating_duration_since(Instant::now()))).await;
+        eprintln!(
+            "  {:>3.0} s: {} {what} acknowledged, {} errors",
+            started.elapsed().as_secs_f64(),
+            count.load(Ordering::Relaxed),
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    stopping.store(true, Ordering::Relaxed);
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    while let Some(joined) = tasks.join_next().await {
+        if let Some(h) = joined? {
+            histogram.add(h)?;
+        }
+    }
+    if let Some(e) = first_error.lock().ok().and_then(|f| f.clone()) {
+        eprintln!("first error: {e}");
+    }
+    Ok((count.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), seconds, histogram))
+}
+
+fn report<C: Serialize + std::fmt::Debug>(
+    config: C,
+    label: &str,
+    (requests, errors, seconds, histogram): (u64, u64, f64, Histogram<u64>),
+    json: bool,
+) -> anyhow::Result<()> {
+    let q = |p: f64| histogram.value_at_quantile(p);
+    let latency_us = BTreeMap::from([
+        ("p50", q(0.50)),
+        ("p95", q(0.95)),
+        ("p99", q(0.99)),
+        ("p99.9", q(0.999)),
+        ("max", histogram.max()),
+    ]);
+    let outcome =
+        Outcome { config, requests, errors, seconds, requests_per_second: requests as f64 / seconds, latency_us };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        println!("{label}: {requests} in {seconds:.2} s, {errors} errors");
+        println!("  throughput: {:.0}/s", outcome.requests_per_second);
+        println!(
+            "  latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            q(0.50) as f64 / 1e3,
+            q(0.95) as f64 / 1e3,
+            q(0.99) as f64 / 1e3,
+            q(0.999) as f64 / 1e3,
+            histogram.max() as f64 / 1e3
+        );
+    }
+    Ok(())
+}
+
+/// The parsed `--mix`: cumulative weights of each operation kind.
+fn parse_mix(mix: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut out = Vec::new();
+    for part in mix.split(',').filter(|p| !p.is_empty()) {
+        let (name, weight) = part.split_once('=').with_context(|| format!("--mix {part}: expected NAME=WEIGHT"))?;
+        if !["spawn", "schedule", "report", "observe"].contains(&name) {
+            bail!("--mix {name}: one of spawn, schedule, report, observe");
+        }
+        out.push((name.to_owned(), weight.parse().with_context(|| format!("--mix {part}"))?));
+    }
+    if out.iter().map(|(_, w)| w).sum::<u64>() == 0 {
+        bail!("--mix: the weights add up to 0");
+    }
+    Ok(out)
+}
+
+fn pick(mix: &[(String, u64)], i: u64) -> &str {
+    let total: u64 = mix.iter().map(|(_, w)| w).sum();
+    let mut at = i % total;
+    for (name, weight) in mix {
+        if at < *weight {
+            return name;
+        }
+        at -= weight;
+    }
+    "observe"
+}
+
+/// Runs the kernel load and prints the result.
+pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
+    let mix = parse_mix(&load.mix)?;
+    let config = NatsConfig {
+        url: load.nats_url.clone(),
+        nkey_seed_file: Some(load.creds.clone()),
+        connect_timeout_ms: 3_000,
+        request_timeout_ms: 30_000,
+    };
+    let bus = Bus::connect(&config, "toka-load").await?;
+    let admin = std::fs::read_to_string(&load.admin_key_file)
+        .with_context(|| format!("the admin key {}", load.admin_key_file.display()))?;
+    let agent_actions = [
+        Action::Spawn,
+        Action::Schedule,
+        Action::Observe,
+        Action::Report,
+        Action::Read,
+        Action::Suspend,
+        Action::Resume,
+        Action::Terminate,
+        Action::Cancel,
+    ];
+    let issue = IssueRequest {
+        credential: Credential::AdminKey(admin.trim().to_owned()),
+        sub: "load".parse()?,
+        capabilities: vec![Capability::new(Pattern::AnyAgent, &agent_actions)],
+        ttl_ms: 3_600_000,
+        one_time: false,
+    };
+    let token: TokenReply = bus.request(subject::AUTH_ISSUE.subject, &issue).await.context("issuing a token")?;
+    let token = Arc::new(token.token);
+    let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
+    let fresh = Arc::new(AtomicU64::new(0));
+    let op_id = {
+        let fresh = fresh.clone();
+        move || OpId::from_u128(u128::from(run_id) << 64 | u128::from(fresh.fetch_add(1, Ordering::Relaxed)))
+    };
+    let root = SubmitRequest {
+        op_id: op_id(),
+        token: (*token).clone(),
+        op: Operation::SpawnAgent(AgentSpec { name: "load-root".parse()?, parent: None, limits: Default::default() }),
+    };
+    let reply: SubmitReply = bus.request(subject::KERNEL_SUBMIT.subject, &root).await.context("spawning the root")?;
+    let Some(Event::AgentSpawned { agent: root, .. }) = reply.events.first() else { bail!("no agent spawned") };
+    let root: AgentId = *root;
+    eprintln!(
+        "config: {} clients, {} s warm-up + {} s measured, mix {}, agents under {root}, {}",
+        load.clients.concurrency, load.clients.warmup, load.clients.duration, load.mix, load.nats_url
+    );
+    let mix = Arc::new(mix);
+    let queue: toka_shared::spec::QueueName = "load".parse()?;
+    let kind: toka_shared::spec::ObservationKind = "load.tick".parse()?;
+    let name: toka_shared::spec::AgentName = "load-agent".parse()?;
+    let (client_bus, request_token) = (bus.clone(), token.clone());
+    let result = drive(&load.clients, "operations", move |client, i| {
+        let op = match pick(&mix, i.wrapping_mul(7).wrapping_add(client as u64)) {
+            "spawn" => {
+                Operation::SpawnAgent(AgentSpec { name: name.clone(), parent: Some(root), limits: Default::default() })
+            }
+            "schedule" => Operation::ScheduleTask(TaskSpec {
+                agent: root,
+                queue: queue.clone(),
+                payload: "x".repeat(120),
+                priority: 5,
+                timeouts: Default::default(),
+                retry: Default::default(),
+            }),
+            "report" => Operation::ReportMemory { agent: root, bytes: 1_000_000 + i },
+            _ => {
+                Operation::EmitObservation { agent: root, kind: kind.clone(), body: format!("client {client} op {i}") }
+            }
+        };
+        let request = SubmitRequest { op_id: op_id(), token: (*request_token).clone(), op };
+        let bus = client_bus.clone();
+        async move {
+            bus.request::<_, SubmitReply>(subject::KERNEL_SUBMIT.subject, &request)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await?;
+    report(load.clone(), "kernel submit, durable", result, load.clients.json)
+}
+
+/// Runs the plain NATS request/reply baseline and prints the result.
+pub(crate) async fn nats(load: NatsLoad) -> anyhow::Result<()> {
+    let config = NatsConfig {
+        url: load.nats_url.clone(),
+        nkey_seed_file: load.creds.clone(),
+        connect_timeout_ms: 3_000,
+        request_timeout_ms: 30_000,
+    };
+    let responder = Bus::connect(&config, "toka-load-echo").await?;
+    let bus = Bus::connect(&config, "toka-load").await?;
+    let echo_subject = format!("toka.load.echo.{}", std::process::id());
+    let mut requests = responder.client().subscribe(echo_subject.clone()).await?;
+    let echo_client = responder.client().clone();
+    tokio::spawn(async move {
+        while let Some(message) = requests.next().await {
+            if let Some(reply) = message.reply {
+                let _ = echo_client.publish(reply, message.payload).await;
+            }
+        }
+    });
+    responder.client().flush().await?;
+    eprintln!(
+        "config: {} clients, {} s warm-up + {} s measured, {}-byte echo over {} (no service behind it)",
+        load.clients.concurrency, load.clients.warmup, load.clients.duration, load.payload, load.nats_url
+    );
+    let payload = bytes::Bytes::from(vec![b'x'; load.payload]);
+    let client = bus.client().clone();
+    let result = drive(&load.clients, "requests", move |_, _| {
+        let (client, subject, payload) = (client.clone(), echo_subject.clone(), payload.clone());
+        async move { client.request(subject, payload).await.map(|_| ()).map_err(|e| e.to_string()) }
+    })
+    .await?;
+    report(load.clone(), "plain NATS request/reply", result, load.clients.json)
+}

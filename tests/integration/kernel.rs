@@ -486,3 +486,93 @@ async fn the_worker_library_claims_heartbeats_completes_and_fails_tasks() {
     let claims: Vec<_> = log.iter().filter(|r| matches!(r.op, Operation::ClaimTask { .. })).collect();
     assert!(claims.iter().all(|r| r.principal.as_str() == "worker-7"));
 }
+
+fn start_kernel_process(nats: &Nats, stdout: &std::path::Path) -> std::process::Child {
+    let config = nats.config(Role::Kernel);
+    std::process::Command::new(crate::binaries::binary("toka-kernel"))
+        .env("TOKA_NATS__URL", &config.url)
+        .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
+        .env("TOKA_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("TOKA_KERNEL__LEASE_TTL_MS", "900")
+        .env("TOKA_TELEMETRY__LOG_FORMAT", "json")
+        .env("TOKA_TELEMETRY__LOG_FILTER", "info")
+        .stdout(std::fs::File::create(stdout).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+async fn kernel_ready(bus: &Bus) -> bool {
+    use toka_shared::api::service::{HealthReply, HealthRequest};
+    bus.request::<HealthRequest, HealthReply>(subject::KERNEL_HEALTH.subject, &HealthRequest {})
+        .await
+        .is_ok_and(|h| h.ready)
+}
+
+/// The (seq, state hash) a kernel process logged when it recovered.
+fn recovered_from(stdout: &std::path::Path) -> Option<(u64, String)> {
+    let text = std::fs::read_to_string(stdout).ok()?;
+    text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|v| {
+        let fields = &v["fields"];
+        (fields["message"] == "state recovered from the log")
+            .then(|| Some((fields["seq"].as_u64()?, fields["state_hash"].as_str()?.to_owned())))
+            .flatten()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_log() {
+    let Some(stack) = Stack::start("kernel-sigkill").await else { return };
+    let first_out = stack.dir.0.join("kernel-1.log");
+    let mut first = start_kernel_process(&stack.nats, &first_out);
+    assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "kernel process ready");
+    let op = Arc::new(stack.operator().await);
+    let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
+    let acknowledged = Arc::new(std::sync::Mutex::new(vec![]));
+    let stop_load = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (bus, op, acknowledged, stop) = (stack.client.clone(), op.clone(), acknowledged.clone(), stop_load.clone());
+        load.spawn(async move {
+            for i in 0..5_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let id = op_id();
+                match submit(&bus, &op, id, spawn(&format!("w{worker}-{i}"), Some(root))).await {
+                    Ok(reply) => acknowledged.lock().unwrap().push((id, reply.seq)),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+    }
+    assert_eventually!(Duration::from_secs(20), acknowledged.lock().unwrap().len() >= 300, "load running");
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let at_kill = acknowledged.lock().unwrap().len();
+
+    let second_out = stack.dir.0.join("kernel-2.log");
+    let mut second = start_kernel_process(&stack.nats, &second_out);
+    assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "restarted kernel ready");
+    assert_eventually!(Duration::from_secs(20), acknowledged.lock().unwrap().len() >= at_kill + 100, "load resumed");
+    stop_load.store(true, Ordering::Relaxed);
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
+
+    let log = stack.kernel_log().await;
+    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    for (id, seq) in acknowledged.lock().unwrap().iter() {
+        assert_eq!(log[(*seq - 1) as usize].op_id, *id, "acknowledged op at {seq} is durable");
+    }
+    let (seq, logged_hash) = recovered_from(&second_out).expect("the restarted kernel logged its recovery");
+    let mut replayed = toka_kernel::machine::State::default();
+    for record in &log[..seq as usize] {
+        replayed.replay(record).unwrap();
+    }
+    assert_eq!(logged_hash, replayed.hash().unwrap().to_string(), "recovered state = the durable log up to {seq}");
+    let next = submit(&stack.client, &op, op_id(), spawn("after", Some(root))).await.unwrap();
+    assert_eq!(next.seq, log.len() as u64 + 1, "continues the log");
+    second.kill().unwrap();
+    second.wait().unwrap();
+}

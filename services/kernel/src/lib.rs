@@ -483,10 +483,12 @@ pub async fn run_reporting(
         stop_early(host).await;
         return Ok(());
     };
+    let state_hash = recovered.state.hash().map(|h| h.to_string()).unwrap_or_default();
     tracing::info!(
         seq = recovered.state.last_seq(),
         snapshot = recovered.snapshot_seq,
         replayed = recovered.replayed,
+        state_hash,
         "state recovered from the log"
     );
 

@@ -31,8 +31,13 @@ use crate::storage::start_storage;
 /// A kernel reporting its (durable seq, state hash).
 async fn start_kernel(nats: &Nats, instance: &str) -> (Running, watch::Receiver<(u64, Hash)>) {
     let (report, hashes) = watch::channel((0, Hash::ZERO));
-    let kernel =
-        toka_kernel::KernelConfig { instance: instance.into(), lease_ttl_ms: 900, tick_ms: 20, ..Default::default() };
+    let kernel = toka_kernel::KernelConfig {
+        instance: instance.into(),
+        lease_ttl_ms: 900,
+        tick_ms: 20,
+        snapshot_every: 50,
+        ..Default::default()
+    };
     let running = spawn_service(service::KERNEL, nats, Role::Kernel, move |nats, admin, bus, stop| {
         toka_kernel::run_reporting(toka_kernel::Config { nats, admin, kernel, ..Default::default() }, bus, stop, report)
     })
@@ -96,6 +101,14 @@ impl Stack {
             }
             records.extend(page.records);
         }
+    }
+
+    async fn audit_log(&self) -> Vec<toka_shared::AuditRecord> {
+        let operator = self.nats.connect(Role::Operator).await;
+        let request = ReadRequest { log: LogName::Audit, from_seq: 1, max_records: 1_000, max_bytes: 900_000 };
+        let page: ReadReply<toka_shared::record::AuditEntry> =
+            operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
+        page.records
     }
 }
 
@@ -236,6 +249,16 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     assert_eq!(denied.code, ErrorCode::Forbidden, "{denied:?}");
     let child = submit(bus, &narrow, op_id(), spawn("child", Some(other))).await.unwrap();
     assert!(matches!(&child.events[0], Event::AgentSpawned { parent: Some(p), .. } if *p == other));
+    assert_eventually!(
+        Duration::from_secs(5),
+        stack.audit_log().await.iter().any(|r| {
+            r.principal.as_str() == "agent-other"
+                && r.op.action == "agent.terminate"
+                && r.op.decision == toka_shared::record::Decision::Deny
+                && r.op.resource == format!("agent:{agent}")
+        }),
+        "the denial is in the audit log"
+    );
     let garbage = submit(bus, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.c2ln", op_id(), spawn("x", None)).await.unwrap_err();
     assert_eq!(garbage.code, ErrorCode::Unauthorized);
 
@@ -288,6 +311,20 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     assert_eq!(upwards.code, ErrorCode::Forbidden, "{upwards:?}");
     let sideways = submit(bus, &grandkid_token, op_id(), spawn("x", Some(kid))).await.unwrap_err();
     assert_eq!(sideways.code, ErrorCode::Forbidden, "{sideways:?}");
+
+    // Terminating an agent terminates its subtree.
+    let cascade =
+        submit(bus, &op, op_id(), Operation::TerminateAgent { agent: other, reason: "done".into() }).await.unwrap();
+    let terminated: Vec<AgentId> = cascade
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::AgentTerminated { agent, .. } => Some(*agent),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(terminated.len(), 2, "the agent and its child: {:?}", cascade.events);
+    assert!(terminated.contains(&other));
 
     // A batch: one result per operation, in order, contiguous sequences.
     let ops = (0..50).map(|i| BatchItem { op_id: op_id(), op: spawn(&format!("b{i}"), Some(agent)) }).collect();
@@ -346,6 +383,17 @@ async fn a_standby_takes_over_with_the_state_hash_of_the_log() {
     assert_eventually!(Duration::from_secs(5), active_hash.borrow().0 == 201, "quiescent at 201");
     let at_stop = *active_hash.borrow();
     assert_eq!(*standby_hash.borrow(), (0, Hash::ZERO), "the standby waits without a state");
+    // The active stored snapshots (every 50 records): the standby starts from one.
+    let kernel_bus = stack.nats.connect(Role::Kernel).await;
+    let snapshot = toka_shared::api::storage::SnapshotGetRequest { log: LogName::Kernel, at_or_before: None, chunk: 0 };
+    assert_eventually!(
+        Duration::from_secs(5),
+        kernel_bus
+            .request::<_, toka_shared::api::storage::SnapshotGetReply>(subject::STORAGE_SNAPSHOT_GET.subject, &snapshot)
+            .await
+            .is_ok_and(|s| s.seq >= 50),
+        "a snapshot was stored"
+    );
 
     active.stop().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), standby_hash.wait_for(|h| h.0 == at_stop.0)).await.unwrap().unwrap();

@@ -5,7 +5,6 @@
 //!   `/livez`, `/readyz` and `/metrics` on the admin port; stops gracefully when `shutdown`
 //!   resolves.
 //! - [`keys`]: the signing keys, stored in the key directory and shared by replicas.
-//! - [`ledger`]: the audit log: decisions written durably, revocations read back.
 //! - [`Config`]: its configuration (`toka-auth --dump-config` prints every key).
 //!
 //! Replicas share the key directory; the one holding the rotation lease (a NATS key-value
@@ -14,7 +13,6 @@
 //! only, never on another service.
 
 pub mod keys;
-pub mod ledger;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -43,7 +41,7 @@ use toka_shared::wire::{ErrorCode, Reply, WireError};
 use toka_shared::{Event, TokenId, subject};
 
 use crate::keys::{KeyRing, KeyStore};
-use crate::ledger::{Entry, Ledger};
+use toka_shared::runtime::audit::{self as ledger, Entry, Ledger};
 
 /// The name this service registers with the NATS services API.
 pub const SERVICE_NAME: &str = toka_shared::subject::service::AUTH;
@@ -648,6 +646,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         max_token_ttl_us: settings.max_token_ttl_ms.saturating_mul(1_000),
         interval: Duration::from_millis(settings.audit_interval_ms.max(10)),
         commit_timeout: Duration::from_millis(config.nats.request_timeout_ms.saturating_mul(2)),
+        revocations: true,
     };
     // Storage may start after us: wait for the audit log, not ready meanwhile.
     let ledger = {

@@ -31,6 +31,7 @@ use toka_shared::api::kernel::{
 };
 use toka_shared::capability::{Pattern, Target};
 use toka_shared::record::Hash;
+use toka_shared::runtime::audit::{self, Ledger};
 use toka_shared::runtime::bus::Bus;
 use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use toka_shared::runtime::host::{self, Host};
@@ -83,6 +84,8 @@ pub struct KernelConfig {
     /// The longest lifetime of a spawned agent's token, in milliseconds (never past the
     /// spawner's own token).
     pub agent_token_ttl_ms: u64,
+    /// How often aggregated denials are written to the audit log, in milliseconds.
+    pub audit_interval_ms: u64,
 }
 
 impl Default for KernelConfig {
@@ -102,6 +105,7 @@ impl Default for KernelConfig {
                 ("query".to_owned(), Rate::new(5_000, 10_000)),
             ]),
             agent_token_ttl_ms: 3_600_000,
+            audit_interval_ms: 1_000,
         }
     }
 }
@@ -152,6 +156,7 @@ pub enum Error {
 /// What the endpoints share.
 struct Kernel {
     bus: Bus,
+    audit: Ledger,
     verifier: LiveVerifier,
     limits: Limits,
     inputs: mpsc::Sender<Input>,
@@ -171,9 +176,21 @@ impl Kernel {
     }
 
     async fn caller(&self, token: &str, class: &str) -> Result<toka_shared::api::auth::Claims, WireError> {
-        let claims = self.verifier.verify(token).await?;
+        let claims = self.verifier.verify(token).await.inspect_err(|e| {
+            if e.code == ErrorCode::Unauthorized {
+                self.audit.deny(UNVERIFIED, &format!("kernel.{class}"), "token", &e.message);
+            }
+        })?;
         self.limits.check(class, claims.sub.as_str())?;
         Ok(claims)
+    }
+
+    /// Records a refused operation in the audit log (aggregated per principal and interval).
+    fn audit_refusal(&self, claims: &Claims, op_type: &str, e: &WireError) {
+        if e.code == ErrorCode::Forbidden {
+            let resource = e.details.get("resource").and_then(|r| r.as_str()).unwrap_or("");
+            self.audit.deny(claims.sub.as_str(), op_type, resource, &e.message);
+        }
     }
 
     async fn submit_one(
@@ -189,8 +206,12 @@ impl Kernel {
 
     async fn submit(&self, req: SubmitRequest) -> Result<SubmitReply, WireError> {
         let claims = self.caller(&req.token, "submit").await?;
+        let op_type = req.op.type_name();
         let wait = self.submit_one(&claims, req.op_id, req.op).await?;
-        let accepted = wait.await.map_err(|_| unavailable("the kernel is stopping"))??;
+        let accepted = wait
+            .await
+            .map_err(|_| unavailable("the kernel is stopping"))?
+            .inspect_err(|e| self.audit_refusal(&claims, op_type, e))?;
         let (mut agent_token, mut task_payload) = (None, None);
         match accepted.events.first() {
             Some(toka_shared::Event::AgentSpawned { agent, .. }) => {
@@ -309,6 +330,9 @@ impl Kernel {
         wait.await.map_err(|_| unavailable("the kernel is rebuilding its state"))?
     }
 }
+
+/// The principal of callers whose token did not verify, in audit records.
+const UNVERIFIED: &str = "unverified";
 
 fn not_found(what: String) -> WireError {
     WireError::new(ErrorCode::NotFound, format!("{what} does not exist"))
@@ -492,6 +516,22 @@ pub async fn run_reporting(
         "state recovered from the log"
     );
 
+    let audit_settings = audit::Settings {
+        max_token_ttl_us: 0,
+        interval: Duration::from_millis(settings.audit_interval_ms.max(10)),
+        commit_timeout: Duration::from_millis(config.nats.request_timeout_ms.saturating_mul(2)),
+        revocations: false,
+    };
+    let observer: audit::Observer = Arc::new(|_: &toka_shared::Event| {});
+    let Some(audit_log) = patiently(&mut shutdown, "the audit log", || {
+        Ledger::start(bus.clone(), audit_settings.clone(), observer.clone())
+    })
+    .await
+    else {
+        lease.release().await;
+        stop_early(host).await;
+        return Ok(());
+    };
     let (inputs, rx) = mpsc::channel(settings.queue_limit.max(1));
     let sequencer_settings = sequencer::Settings {
         max_batch_records: settings.max_batch_records,
@@ -506,6 +546,7 @@ pub async fn run_reporting(
         tokio::spawn(Sequencer::new(bus.clone(), sequencer_settings, recovered, report).run(rx, sequencer_stop));
     let kernel = Arc::new(Kernel {
         bus: bus.clone(),
+        audit: audit_log.clone(),
         verifier,
         limits,
         inputs,
@@ -541,6 +582,8 @@ pub async fn run_reporting(
         // No more inputs: the sequencer finishes what is in flight and returns.
         let _ = stop_sequencer.send(true);
         let _ = sequencer.await;
+        // The last interval's denials.
+        audit_log.close().await;
         keeper.abort();
         if let Ok(mut lease) = keeper.await {
             lease.release().await;

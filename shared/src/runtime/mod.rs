@@ -11,6 +11,8 @@
 //! - [`shutdown`]: SIGTERM/SIGINT as a future.
 //! - [`deploy`]: per-deployment NATS credentials and server configuration.
 //! - [`cli`]: the `main` every service binary shares.
+//! - [`audit`]: the `audit` log writer (head tracking, conflicts, aggregated denials) and the
+//!   revocations folded out of it.
 //! - [`token`]: signing and verifying capability tokens (Ed25519 JWTs).
 //! - [`verifier`]: the token verifier kept current from auth over NATS (keys, revocations,
 //!   heartbeat), failing closed when auth falls silent.
@@ -18,6 +20,7 @@
 //! - [`limit`]: GCRA rate limits per principal and operation class.
 //! - [`lease`]: a single-holder lease in a NATS key-value bucket with a TTL.
 
+pub mod audit;
 pub mod bus;
 pub mod cli;
 pub mod config;

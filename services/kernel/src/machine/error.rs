@@ -135,6 +135,10 @@ impl Error {
 
 impl From<&Error> for WireError {
     fn from(e: &Error) -> Self {
-        WireError::new(e.code(), e.to_string()).with_detail("rule", e.rule())
+        let wire = WireError::new(e.code(), e.to_string()).with_detail("rule", e.rule());
+        match e {
+            Error::Forbidden { resource, .. } => wire.with_detail("resource", resource.as_str()),
+            _ => wire,
+        }
     }
 }

@@ -1,8 +1,9 @@
-//! Auth's side of the `audit` log: every decision it records, and the revocations it reads back.
+//! A writer of the `audit` log, shared by auth and the kernel: the decisions a service records,
+//! and (for auth) the revocations it reads back.
 //!
 //! The log in storage is the record of truth. Auth appends each issue, delegation, revocation
 //! and rotation as an audit record and answers its caller only once storage has made it
-//! durable; denials are counted per principal and action and written once per interval, so a
+//! durable; the kernel records its denials; denials are counted per principal and action and written once per interval, so a
 //! flood of bad requests adds a handful of records, not a flood. Several writers share the log
 //! (every auth replica, and the kernel): a writer tracks the head, and on a sequence conflict
 //! reads what others appended, folds it in, and seals its batch again on the new head.
@@ -15,15 +16,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use toka_shared::api::auth::{Revocation, RevocationsReply};
-use toka_shared::api::storage::{
+use crate::api::auth::{Revocation, RevocationsReply};
+use crate::api::storage::{
     AppendReply, AppendRequest, HeadReply, HeadRequest, QueryReply, QueryRequest, ReadReply, ReadRequest,
 };
-use toka_shared::record::{AuditEntry, AuditRecord, Decision, Hash, LogName, Record};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::spec::Principal;
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{Event, OpId, TokenId, subject};
+use crate::record::{AuditEntry, AuditRecord, Decision, Hash, LogName, Record};
+use crate::runtime::bus::{Bus, RequestError};
+use crate::spec::Principal;
+use crate::wire::{ErrorCode, WireError};
+use crate::{Event, OpId, TokenId, subject};
 use tokio::sync::{mpsc, oneshot};
 
 /// What the ledger folds out of the log.
@@ -109,6 +110,9 @@ pub struct Settings {
     pub interval: Duration,
     /// How long an append may keep retrying before the caller gets `unavailable`.
     pub commit_timeout: Duration,
+    /// Whether to read the revocations in the log at start (auth does; the kernel, which
+    /// only writes denials, does not).
+    pub revocations: bool,
 }
 
 /// The handle endpoints use.
@@ -189,7 +193,8 @@ impl Ledger {
             .map_err(|e| storage_error(&e))?;
         let mut state = State { head_seq: head.seq, head_hash: head.hash, ..State::default() };
         let mut after = None;
-        loop {
+        let mut more = settings.revocations;
+        while more {
             let query = QueryRequest {
                 log: LogName::Audit,
                 entity: None,
@@ -197,7 +202,7 @@ impl Ledger {
                 from_time_us: None,
                 to_time_us: None,
                 after,
-                limit: toka_shared::api::MAX_PAGE,
+                limit: crate::api::MAX_PAGE,
             };
             let page: QueryReply =
                 bus.request(subject::STORAGE_QUERY.subject, &query).await.map_err(|e| storage_error(&e))?;
@@ -209,7 +214,7 @@ impl Ledger {
             }
             match page.next_after {
                 Some(next) if next.seq <= head.seq => after = Some(next),
-                _ => break,
+                _ => more = false,
             }
         }
         tracing::info!(head = head.seq, revoked = state.revoked.len(), epoch = state.epoch, "audit log read");
@@ -395,8 +400,8 @@ impl Writer {
             let request = ReadRequest {
                 log: LogName::Audit,
                 from_seq,
-                max_records: toka_shared::api::MAX_PAGE,
-                max_bytes: toka_shared::api::storage::MAX_READ_BYTES,
+                max_records: crate::api::MAX_PAGE,
+                max_bytes: crate::api::storage::MAX_READ_BYTES,
             };
             let page: ReadReply<AuditEntry> =
                 self.bus.request(subject::STORAGE_READ.subject, &request).await.map_err(|e| storage_error(&e))?;
@@ -546,6 +551,7 @@ mod tests {
             max_token_ttl_us: 100,
             interval: Duration::from_secs(1),
             commit_timeout: Duration::from_secs(1),
+            revocations: true,
         };
         let mut state = State::default();
         fold_revocation(&mut state, &settings, TokenId::from_u128(1), 1, 1_000);

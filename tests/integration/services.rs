@@ -20,16 +20,18 @@ use crate::auth::start_auth;
 use crate::harness::{Nats, Running, TempDir, expect_event, http_get, spawn_service};
 use crate::storage::start_storage;
 
+/// The four services, in the order they depend on each other (the kernel is ready only once
+/// auth and storage answer; auth only once storage does).
 async fn start_all(nats: &Nats, dir: &TempDir) -> Vec<Running> {
     let mut running = Vec::new();
+    running.push(start_storage(nats, &dir.0.join("storage")).await);
+    running.push(start_auth(nats, &dir.0.join("auth"), |_| {}).await);
     running.push(
         spawn_service(service::KERNEL, nats, Role::Kernel, |nats, admin, bus, stop| {
             toka_kernel::run(toka_kernel::Config { nats, admin, ..Default::default() }, bus, stop)
         })
         .await,
     );
-    running.push(start_storage(nats, &dir.0.join("storage")).await);
-    running.push(start_auth(nats, &dir.0.join("auth"), |_| {}).await);
     running.push(
         spawn_service(service::TELEMETRY, nats, Role::Telemetry, |nats, admin, bus, stop| {
             toka_telemetry::run(toka_telemetry::Config { nats, admin, ..Default::default() }, bus, stop)

@@ -421,7 +421,14 @@ impl Auth {
         })?;
         self.limit("delegate", parent.sub.as_str())?;
         let ttl_s = self.ttl_s(req.ttl_ms)?;
-        let lineage = self.lineage_of(&req.capabilities).await?;
+        // Descent is read from the kernel log only when a capability is not covered without it
+        // (a parent holding `agent:*` needs no tree).
+        let lineage = if toka_shared::capability::first_uncovered(&req.capabilities, &parent.caps, &NoLineage).is_some()
+        {
+            self.lineage_of(&req.capabilities).await?
+        } else {
+            LogLineage::default()
+        };
         let now = now_us();
         let claims = token::delegate(
             &parent,

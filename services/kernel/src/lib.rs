@@ -444,7 +444,9 @@ async fn patiently<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
 
 /// Runs the service on `bus` until `shutdown` resolves.
 pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    run_reporting(config, bus, shutdown, watch::channel((0, Hash::ZERO)).0).await
+    // Nobody watches: the receiver is dropped here, so the sequencer never hashes to report.
+    let (report, _) = watch::channel((0, Hash::ZERO));
+    run_reporting(config, bus, shutdown, report).await
 }
 
 /// As [`run`], reporting (durable sequence, state hash) on `report` whenever the state is

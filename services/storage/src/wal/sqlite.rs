@@ -322,16 +322,22 @@ impl Wal for SqliteWal {
 
     fn query(&self, log: LogName, q: &Query) -> Result<Vec<Hit>, Error> {
         let (after_seq, after_idx) = q.after.map_or((0, -1), |(s, i)| (seq_i64(s).unwrap_or(i64::MAX), i64::from(i)));
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT seq, idx, time_us FROM events WHERE log = ?1
-                   AND (?2 IS NULL OR entity = ?2) AND (?3 IS NULL OR type = ?3)
-                   AND (?4 IS NULL OR time_us >= ?4) AND (?5 IS NULL OR time_us < ?5)
-                   AND (seq > ?6 OR (seq = ?6 AND idx > ?7))
-                 ORDER BY seq, idx LIMIT ?8",
-            )
-            .map_err(io)?;
+        // Only the filters given go into the statement, so the planner can seek on the entity
+        // or type index (a `?2 IS NULL OR entity = ?2` form makes it scan). One cached
+        // statement per shape; unused parameter numbers bind nothing.
+        let mut sql = String::from("SELECT seq, idx, time_us FROM events WHERE log = ?1");
+        for (given, term) in [
+            (q.entity.is_some(), " AND entity = ?2"),
+            (q.event_type.is_some(), " AND type = ?3"),
+            (q.from_time_us.is_some(), " AND time_us >= ?4"),
+            (q.to_time_us.is_some(), " AND time_us < ?5"),
+        ] {
+            if given {
+                sql.push_str(term);
+            }
+        }
+        sql.push_str(" AND (seq > ?6 OR (seq = ?6 AND idx > ?7)) ORDER BY seq, idx LIMIT ?8");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(io)?;
         let from = q.from_time_us.map(seq_i64).transpose()?;
         let to = q.to_time_us.map(seq_i64).transpose()?;
         let rows = stmt

@@ -332,8 +332,10 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
         .request(subject::KERNEL_SUBMIT_BATCH.subject, &SubmitBatchRequest { token: op.clone(), ops })
         .await
         .unwrap();
-    let seqs: Vec<u64> = batch.results.into_iter().map(|r| r.into_result().unwrap().seq).collect();
+    let replies: Vec<SubmitReply> = batch.results.into_iter().map(|r| r.into_result().unwrap()).collect();
+    let seqs: Vec<u64> = replies.iter().map(|r| r.seq).collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(replies.iter().all(|r| r.agent_token.is_some()), "every spawned agent of the batch gets its token");
 
     // Everything acknowledged is in the log, chained, and replays.
     let log = stack.kernel_log().await;

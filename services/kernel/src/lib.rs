@@ -175,12 +175,18 @@ impl Kernel {
         })
     }
 
-    async fn caller(&self, token: &str, class: &str) -> Result<toka_shared::api::auth::Claims, WireError> {
-        let claims = self.verifier.verify(token).await.inspect_err(|e| {
+    /// The claims of `token`; a token that does not verify is audited.
+    async fn verified(&self, token: &str, class: &str) -> Result<Claims, WireError> {
+        self.verifier.verify(token).await.inspect_err(|e| {
             if e.code == ErrorCode::Unauthorized {
                 self.audit.deny(UNVERIFIED, &format!("kernel.{class}"), "token", &e.message);
             }
-        })?;
+        })
+    }
+
+    /// The claims of `token`, within the rate limit of `class`.
+    async fn caller(&self, token: &str, class: &str) -> Result<Claims, WireError> {
+        let claims = self.verified(token, class).await?;
         self.limits.check(class, claims.sub.as_str())?;
         Ok(claims)
     }
@@ -208,14 +214,24 @@ impl Kernel {
         let claims = self.caller(&req.token, "submit").await?;
         let op_type = req.op.type_name();
         let wait = self.submit_one(&claims, req.op_id, req.op).await?;
-        let accepted = wait
-            .await
-            .map_err(|_| unavailable("the kernel is stopping"))?
-            .inspect_err(|e| self.audit_refusal(&claims, op_type, e))?;
+        let outcome = wait.await.map_err(|_| unavailable("the kernel is stopping"))?;
+        self.reply(&req.token, &claims, op_type, outcome).await
+    }
+
+    /// The reply to a sequenced operation: a refusal is audited; a spawn gets the new agent's
+    /// token, a claim the task's payload.
+    async fn reply(
+        &self,
+        token: &str,
+        claims: &Claims,
+        op_type: &str,
+        outcome: Result<sequencer::Accepted, WireError>,
+    ) -> Result<SubmitReply, WireError> {
+        let accepted = outcome.inspect_err(|e| self.audit_refusal(claims, op_type, e))?;
         let (mut agent_token, mut task_payload) = (None, None);
         match accepted.events.first() {
             Some(toka_shared::Event::AgentSpawned { agent, .. }) => {
-                agent_token = self.agent_token(&req.token, &claims, *agent).await;
+                agent_token = self.agent_token(token, claims, *agent).await;
             }
             Some(toka_shared::Event::TaskClaimed { task, .. }) => task_payload = self.payload(*task).await,
             _ => {}
@@ -284,26 +300,23 @@ impl Kernel {
     }
 
     async fn submit_batch(&self, req: SubmitBatchRequest) -> Result<SubmitBatchReply, WireError> {
-        let claims = self.verifier.verify(&req.token).await?;
+        // Verified once; each operation then takes its own place under the submit limit.
+        let claims = self.verified(&req.token, "submit").await?;
         let mut waits = Vec::with_capacity(req.ops.len());
         for item in req.ops {
+            let op_type = item.op.type_name();
             let queued = match self.limits.check("submit", claims.sub.as_str()) {
                 Ok(()) => self.submit_one(&claims, item.op_id, item.op).await,
                 Err(e) => Err(e),
             };
-            waits.push(queued);
+            waits.push((op_type, queued));
         }
         let mut results = Vec::with_capacity(waits.len());
-        for wait in waits {
+        for (op_type, wait) in waits {
             let result = match wait {
                 Ok(wait) => {
-                    wait.await.unwrap_or_else(|_| Err(unavailable("the kernel is stopping"))).map(|a| SubmitReply {
-                        seq: a.seq,
-                        time_us: a.time_us,
-                        events: a.events,
-                        agent_token: None,
-                        task_payload: None,
-                    })
+                    let outcome = wait.await.unwrap_or_else(|_| Err(unavailable("the kernel is stopping")));
+                    self.reply(&req.token, &claims, op_type, outcome).await
                 }
                 Err(e) => Err(e),
             };

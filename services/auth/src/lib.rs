@@ -35,6 +35,8 @@ use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, Tele
 use toka_shared::runtime::host::{self, Host};
 use toka_shared::runtime::lease::{self, Lease};
 use toka_shared::runtime::limit::{self, Limits, Rate};
+use toka_shared::runtime::now_us;
+use toka_shared::runtime::shutdown::{patiently, unless};
 use toka_shared::runtime::token::{self, AUDIENCE, ISSUER, Verifier};
 use toka_shared::spec::Principal;
 use toka_shared::wire::{ErrorCode, Reply, WireError};
@@ -158,19 +160,11 @@ pub enum Error {
     Subscribe(String),
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// A fresh token id: the time, then 80 random bits.
 fn fresh_jti(now_us: u64) -> Result<TokenId, WireError> {
-    let mut random = [0u8; 16];
-    getrandom::getrandom(&mut random[6..])
-        .map_err(|e| WireError::new(ErrorCode::Internal, format!("no random source: {e}")))?;
-    Ok(TokenId::from_u128(u128::from(now_us / 1000) << 80 | u128::from_be_bytes(random)))
+    toka_shared::runtime::fresh_id(now_us)
+        .map(TokenId::from_u128)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("no random source: {e}")))
 }
 
 /// Reads the admin key: a file of mode 0600 holding at least 32 characters.
@@ -188,13 +182,6 @@ fn read_admin_key(path: &std::path::Path) -> Result<blake3::Hash, Error> {
         return Err(fail("the admin key must be at least 32 characters (`toka nats-config` writes one)".into()));
     }
     Ok(blake3::hash(key.as_bytes()))
-}
-
-/// A random name for this replica.
-fn random_instance() -> String {
-    let mut random = [0u8; 6];
-    let _ = getrandom::getrandom(&mut random);
-    random.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Everything the endpoints share.
@@ -600,17 +587,6 @@ impl Auth {
     }
 }
 
-/// Runs `work` unless `shutdown` comes first.
-async fn unless<T>(
-    shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        _ = shutdown.as_mut() => None,
-        out = work => Some(out),
-    }
-}
-
 /// Runs the service on `bus` until `shutdown` resolves.
 pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let settings = config.auth.clone();
@@ -620,10 +596,8 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     }
     let admin_principal: Principal =
         settings.admin_principal.parse().map_err(|e| Error::Setting(format!("auth.admin_principal: {e}")))?;
-    let instance = if settings.instance.is_empty() { random_instance() } else { settings.instance.clone() };
-    if !instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(Error::Setting(format!("auth.instance = {instance:?}: use letters, digits, - and _")));
-    }
+    let instance =
+        lease::candidate_name(&settings.instance).map_err(|e| Error::Setting(format!("auth.instance = {e}")))?;
     if settings.max_delegation_depth == 0 || settings.heartbeat_ms == 0 || settings.lease_ttl_ms < 300 {
         return Err(Error::Setting(
             "auth.max_delegation_depth and auth.heartbeat_ms must be positive, auth.lease_ttl_ms at least 300".into(),
@@ -656,26 +630,10 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         revocations: true,
     };
     // Storage may start after us: wait for the audit log, not ready meanwhile.
-    let ledger = {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            let attempt = Ledger::start(bus.clone(), ledger_settings.clone(), observer.clone());
-            match unless(&mut shutdown, attempt).await {
-                None => {
-                    host.shutdown(grace).await;
-                    return Ok(());
-                }
-                Some(Ok(ledger)) => break ledger,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e.message, "waiting for the audit log");
-                    if unless(&mut shutdown, tokio::time::sleep(wait)).await.is_none() {
-                        host.shutdown(grace).await;
-                        return Ok(());
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
+    let waiting = || Ledger::start(bus.clone(), ledger_settings.clone(), observer.clone());
+    let Some(ledger) = patiently(&mut shutdown, "the audit log", waiting).await else {
+        host.shutdown(grace).await;
+        return Ok(());
     };
     let lease_ttl = Duration::from_millis(settings.lease_ttl_ms);
     let lease = Lease::open(&bus, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl).await?;

@@ -37,6 +37,7 @@ use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, Tele
 use toka_shared::runtime::host::{self, Host};
 use toka_shared::runtime::lease::{self, Lease};
 use toka_shared::runtime::limit::{self, Limits, Rate};
+use toka_shared::runtime::shutdown::{patiently, unless};
 use toka_shared::runtime::verifier::{LiveVerifier, VerifierConfig};
 use toka_shared::wire::{ErrorCode, Reply, WireError};
 use toka_shared::{Action, Capability, subject};
@@ -421,40 +422,6 @@ fn task_list(state: &State, caps: &[Capability], req: &TaskListRequest) -> TaskL
     TaskListReply { tasks, next_after }
 }
 
-fn random_instance() -> String {
-    let mut random = [0u8; 6];
-    let _ = getrandom::getrandom(&mut random);
-    random.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Runs `work` unless `shutdown` comes first.
-async fn unless<T>(
-    shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
-    work: impl Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        _ = shutdown.as_mut() => None,
-        out = work => Some(out),
-    }
-}
-
-/// Retries `attempt` with backoff until it succeeds or `shutdown` resolves.
-async fn patiently<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
-    shutdown: &mut std::pin::Pin<Box<impl Future<Output = ()>>>,
-    what: &str,
-    mut attempt: impl FnMut() -> F,
-) -> Option<T> {
-    let mut wait = Duration::from_millis(100);
-    loop {
-        match unless(shutdown, attempt()).await? {
-            Ok(value) => return Some(value),
-            Err(e) => tracing::warn!(error = %e, "waiting for {what}"),
-        }
-        unless(shutdown, tokio::time::sleep(wait)).await?;
-        wait = (wait * 2).min(Duration::from_secs(2));
-    }
-}
-
 /// Runs the service on `bus` until `shutdown` resolves.
 pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     // Nobody watches: the receiver is dropped here, so the sequencer never hashes to report.
@@ -471,10 +438,8 @@ pub async fn run_reporting(
     report: watch::Sender<(u64, Hash)>,
 ) -> Result<(), Error> {
     let settings = config.kernel.clone();
-    let instance = if settings.instance.is_empty() { random_instance() } else { settings.instance.clone() };
-    if !instance.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(Error::Setting(format!("kernel.instance = {instance:?}: use letters, digits, - and _")));
-    }
+    let instance =
+        lease::candidate_name(&settings.instance).map_err(|e| Error::Setting(format!("kernel.instance = {e}")))?;
     if settings.lease_ttl_ms < 300 || settings.max_batch_records == 0 || settings.max_in_flight == 0 {
         return Err(Error::Setting(
             "kernel.lease_ttl_ms must be at least 300, kernel.max_batch_records and kernel.max_in_flight positive"

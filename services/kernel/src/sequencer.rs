@@ -16,6 +16,7 @@ use futures::stream::FuturesOrdered;
 use toka_shared::api::storage::{AppendReply, AppendRequest};
 use toka_shared::record::{Hash, Record};
 use toka_shared::runtime::bus::{Bus, RequestError};
+use toka_shared::runtime::now_us;
 use toka_shared::spec::Principal;
 use toka_shared::wire::{ErrorCode, WireError};
 use toka_shared::{Capability, Event, KernelRecord, OpId, Operation, subject};
@@ -96,13 +97,6 @@ struct Batch {
 
 /// The sequencer's principal, on the ticks it issues.
 pub const SEQUENCER: &str = "toka-kernel";
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 fn unavailable(why: &str) -> WireError {
     WireError::new(ErrorCode::Unavailable, format!("the kernel is {why}; retry")).with_retry_after_ms(200)

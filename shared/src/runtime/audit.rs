@@ -22,6 +22,7 @@ use crate::api::storage::{
 };
 use crate::record::{AuditEntry, AuditRecord, Decision, Hash, LogName, Record};
 use crate::runtime::bus::{Bus, RequestError};
+use crate::runtime::now_us;
 use crate::spec::Principal;
 use crate::wire::{ErrorCode, WireError};
 use crate::{Event, OpId, TokenId, subject};
@@ -139,26 +140,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
 /// A fresh operation id: the time, then 80 random bits (ids of different replicas never
 /// collide, so a writer can recognise its own records after an uncertain append).
 fn fresh_op_id(time_us: u64) -> OpId {
-    let mut random = [0u8; 10];
     // With no random source the time and a process-local counter still separate ids.
-    if getrandom::getrandom(&mut random).is_err() {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        random[..8].copy_from_slice(&n.to_le_bytes());
-    }
-    let mut low = [0u8; 16];
-    low[6..].copy_from_slice(&random);
-    OpId::from_u128(u128::from(time_us / 1000) << 80 | u128::from_be_bytes(low))
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = crate::runtime::fresh_id(time_us).unwrap_or_else(|_| {
+        u128::from(time_us / 1000) << 80 | u128::from(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    });
+    OpId::from_u128(id)
 }
 
 fn fold(state: &mut State, settings: &Settings, record: &AuditRecord, observer: &Observer) {

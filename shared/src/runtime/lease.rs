@@ -106,3 +106,30 @@ impl Lease {
         }
     }
 }
+
+/// The name a candidate uses in a lease: `configured` if it is one (letters, digits, `-`, `_`),
+/// a random one when empty; `Err` names the problem.
+pub fn candidate_name(configured: &str) -> Result<String, String> {
+    if configured.is_empty() {
+        let mut random = [0u8; 6];
+        getrandom::getrandom(&mut random).map_err(|e| format!("no random source: {e}"))?;
+        return Ok(random.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    if configured.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        Ok(configured.to_owned())
+    } else {
+        Err(format!("{configured:?}: use letters, digits, - and _"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn candidate_names_are_checked_or_made_up() {
+        assert_eq!(super::candidate_name("kernel-a_1").unwrap(), "kernel-a_1");
+        assert!(super::candidate_name("a.b").is_err());
+        let made_up = super::candidate_name("").unwrap();
+        assert_eq!(made_up.len(), 12);
+        assert_ne!(made_up, super::candidate_name("").unwrap());
+    }
+}

@@ -33,3 +33,19 @@ pub mod shutdown;
 pub mod token;
 pub mod verifier;
 pub mod worker;
+
+/// Now, in microseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A fresh 128-bit id for records and tokens: the time in milliseconds, then 80 random bits
+/// (two processes never mint the same one). `Err` when the random source fails.
+pub fn fresh_id(now_us: u64) -> Result<u128, getrandom::Error> {
+    let mut random = [0u8; 16];
+    getrandom::getrandom(&mut random[6..])?;
+    Ok(u128::from(now_us / 1000) << 80 | u128::from_be_bytes(random))
+}

@@ -46,10 +46,10 @@ pub struct Worker {
     label: String,
 }
 
-fn fresh_op_id() -> OpId {
-    let mut random = [0u8; 16];
-    let _ = getrandom::getrandom(&mut random);
-    OpId::from_u128(u128::from_be_bytes(random) >> 2)
+fn fresh_op_id() -> Result<OpId, WireError> {
+    crate::runtime::fresh_id(crate::runtime::now_us())
+        .map(OpId::from_u128)
+        .map_err(|e| WireError::new(ErrorCode::Internal, format!("no random source: {e}")))
 }
 
 fn remote(e: RequestError) -> WireError {
@@ -64,7 +64,7 @@ impl Worker {
     }
 
     async fn submit(&self, op: Operation) -> Result<SubmitReply, WireError> {
-        let request = SubmitRequest { op_id: fresh_op_id(), token: self.token.clone(), op };
+        let request = SubmitRequest { op_id: fresh_op_id()?, token: self.token.clone(), op };
         self.bus.request(subject::KERNEL_SUBMIT.subject, &request).await.map_err(remote)
     }
 

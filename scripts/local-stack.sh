@@ -32,7 +32,10 @@ trap 'stop $?' EXIT
 
 # Children run in sessions of their own, so Ctrl-C reaches only this script, which stops the
 # services first and NATS last.
-setsid "$nats" -c "$DATA/nats.conf" >"$DATA/logs/nats.log" 2>&1 &
+# NATS shares the machine with the four services: it gets half the cores (GOMAXPROCS), which
+# on a 2-core machine cut its CPU per operation by a sixth and raised throughput (README).
+nats_procs=${TOKA_NATS_GOMAXPROCS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
+GOMAXPROCS=$nats_procs setsid "$nats" -c "$DATA/nats.conf" >"$DATA/logs/nats.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 50); do
     (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null && break

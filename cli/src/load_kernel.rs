@@ -25,6 +25,7 @@ use toka_shared::capability::{Action, Capability, Pattern};
 use toka_shared::runtime::bus::Bus;
 use toka_shared::runtime::config::NatsConfig;
 use toka_shared::spec::{AgentSpec, TaskSpec};
+use toka_shared::wire::ERROR_HEADER;
 use toka_shared::{AgentId, Event, OpId, Operation, subject};
 
 /// How the clients run (shared by both loads).
@@ -301,12 +302,18 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
             }
         };
         let request = SubmitRequest { op_id: op_id(), token: (*request_token).clone(), op };
-        let bus = client_bus.clone();
+        let body = serde_json::to_vec(&request).map(bytes::Bytes::from);
+        let client = client_bus.client().clone();
         async move {
-            bus.request::<_, SubmitReply>(subject::KERNEL_SUBMIT.subject, &request)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+            // Sent raw, as the plain NATS load is: the generator shares the machine with what
+            // it measures, so it does no more than it must. A reply without the services-API
+            // error header is an acknowledged operation; an error's body says why.
+            let message = client.request(subject::KERNEL_SUBMIT.subject, body.map_err(|e| e.to_string())?).await;
+            let message = message.map_err(|e| e.to_string())?;
+            match message.headers.as_ref().and_then(|h| h.get(ERROR_HEADER)) {
+                None => Ok(()),
+                Some(error) => Err(format!("{error}: {}", String::from_utf8_lossy(&message.payload))),
+            }
         }
     })
     .await?;

@@ -80,7 +80,8 @@ impl Hash {
 
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        // Without allocating: records carry two hashes each, so this is on every append's path.
+        f.write_str(blake3::Hash::from_bytes(self.0).to_hex().as_str())
     }
 }
 
@@ -113,7 +114,7 @@ impl std::str::FromStr for Hash {
 
 impl Serialize for Hash {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
+        s.serialize_str(blake3::Hash::from_bytes(self.0).to_hex().as_str())
     }
 }
 
@@ -203,13 +204,27 @@ impl<B: Serialize> Record<B> {
         events: Vec<Event>,
         prev_hash: Hash,
     ) -> Result<Self, Error> {
-        let mut record = Record { seq, op_id, principal, time_us, op, events, prev_hash, hash: Hash::ZERO };
-        record.hash = record.compute_hash()?;
-        Ok(record)
+        let record = Record { seq, op_id, principal, time_us, op, events, prev_hash, hash: Hash::ZERO };
+        record.sealed().map(|(record, _)| record)
+    }
+
+    /// This record with its hash computed (whatever `hash` held is replaced), and the length of
+    /// its compact JSON (what an append's byte bound counts), known from the canonical form the
+    /// hash needed anyway.
+    pub fn sealed(mut self) -> Result<(Self, usize), Error> {
+        let (hash, body_len) = self.hash_and_len()?;
+        self.hash = hash;
+        // The body's members plus `,"hash":"<64 hex digits>"`.
+        Ok((self, body_len + r#","hash":""#.len() + 64 + 1))
     }
 
     /// The hash this record should carry, recomputed from its content.
     pub fn compute_hash(&self) -> Result<Hash, Error> {
+        self.hash_and_len().map(|(hash, _)| hash)
+    }
+
+    /// The hash and the length of the canonical JSON it covers.
+    fn hash_and_len(&self) -> Result<(Hash, usize), Error> {
         let body = Body {
             seq: self.seq,
             op_id: &self.op_id,
@@ -220,9 +235,10 @@ impl<B: Serialize> Record<B> {
             prev_hash: &self.prev_hash,
         };
         let value = serde_json::to_value(&body).map_err(|e| Error::Serialize(e.to_string()))?;
+        let canonical = canonical_json(&value)?;
         let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
-        hasher.update(&canonical_json(&value)?);
-        Ok(Hash(*hasher.finalize().as_bytes()))
+        hasher.update(&canonical);
+        Ok((Hash(*hasher.finalize().as_bytes()), canonical.len()))
     }
 }
 
@@ -344,6 +360,28 @@ mod tests {
             r#"{"Z":2,"a":{"c":-3,"d":[true,null,"x\n\"y\u0001"]},"b":1,"é":0}"#
         );
         assert_eq!(canonical_json(&json!({"x": 1.5})), Err(Error::Float("1.5".into())));
+    }
+
+    #[test]
+    fn a_sealed_record_knows_its_encoded_length() {
+        let agent = AgentId::mint(1_000, 1, 0);
+        let spec = json!({"agent": agent, "queue": "q", "payload": "é \"quoted\"\n\u{1} 😀"});
+        let op = Operation::ScheduleTask(serde_json::from_value(spec).unwrap());
+        let unsealed = Record {
+            seq: 7,
+            op_id: OpId::mint(1_000, 7, 9),
+            principal: "admin".parse().unwrap(),
+            time_us: 1_007,
+            op,
+            events: vec![],
+            prev_hash: Hash::ZERO,
+            hash: Hash([9; 32]),
+        };
+        let (record, len) = unsealed.sealed().unwrap();
+        assert_eq!(len, serde_json::to_vec(&record).unwrap().len());
+        assert_eq!(record.hash, record.compute_hash().unwrap());
+        assert_eq!(Hash([0xab; 32]).to_string(), "ab".repeat(32));
+        assert_eq!(serde_json::to_value(Hash([0x0f; 32])).unwrap(), json!("0f".repeat(32)));
     }
 
     #[test]

@@ -245,6 +245,12 @@ impl Registry {
 pub trait Contract: Serialize + DeserializeOwned {
     /// The schema's path under `schemas/`.
     const SCHEMA: &'static str;
+
+    /// The value of a document that satisfied [`Contract::SCHEMA`]. A type that keeps the
+    /// document as received overrides this to take it as it is, without rebuilding it.
+    fn from_document(doc: Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(doc)
+    }
 }
 
 /// A reply body type; `Reply<Self>` satisfies `REPLY_SCHEMA`.
@@ -274,7 +280,7 @@ pub fn decode<T: Contract>(bytes: &[u8]) -> Result<T, DecodeError> {
     Registry::global().validate(T::SCHEMA, &doc)?;
     // The schema accepted it; a type that still refuses it is a contract defect, reported at
     // the root with serde's reason.
-    serde_json::from_value(doc).map_err(|e| {
+    T::from_document(doc).map_err(|e| {
         DecodeError::Schema(Error { schema: T::SCHEMA.to_owned(), pointer: String::new(), message: e.to_string() })
     })
 }

@@ -29,7 +29,7 @@ use toka_shared::api::kernel::{
     AgentGetRequest, AgentListReply, AgentListRequest, AgentView, SubmitBatchReply, SubmitBatchRequest, SubmitReply,
     SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskView,
 };
-use toka_shared::capability::{Pattern, Target};
+use toka_shared::capability::Target;
 use toka_shared::record::Hash;
 use toka_shared::runtime::audit::{self, Ledger};
 use toka_shared::runtime::bus::Bus;
@@ -205,7 +205,7 @@ impl Kernel {
         claims: &toka_shared::api::auth::Claims,
         op_id: toka_shared::OpId,
         op: toka_shared::Operation,
-    ) -> Result<oneshot::Receiver<Result<sequencer::Accepted, WireError>>, WireError> {
+    ) -> Result<oneshot::Receiver<Result<sequencer::Applied, WireError>>, WireError> {
         let (reply, wait) = oneshot::channel();
         self.enqueue(Input::Submit { op_id, principal: claims.sub.clone(), caps: claims.caps.clone(), op, reply })?;
         Ok(wait)
@@ -226,57 +226,51 @@ impl Kernel {
         token: &str,
         claims: &Claims,
         op_type: &str,
-        outcome: Result<sequencer::Accepted, WireError>,
+        outcome: Result<sequencer::Applied, WireError>,
     ) -> Result<SubmitReply, WireError> {
-        let accepted = outcome.inspect_err(|e| self.audit_refusal(claims, op_type, e))?;
-        let (mut agent_token, mut task_payload) = (None, None);
-        match accepted.events.first() {
-            Some(toka_shared::Event::AgentSpawned { agent, .. }) => {
-                agent_token = self.agent_token(token, claims, *agent).await;
+        let sequencer::Applied { accepted, durable } =
+            outcome.inspect_err(|e| self.audit_refusal(claims, op_type, e))?;
+        let durable = async { durable.await.unwrap_or_else(|_| Err(unavailable("the kernel is stopping"))) };
+        let spawned = match (accepted.events.first(), accepted.agent_grant.clone()) {
+            (Some(toka_shared::Event::AgentSpawned { agent, .. }), Some(grant)) => Some((*agent, grant)),
+            _ => None,
+        };
+        let (durable, agent_token) = match spawned {
+            // Asked for while the spawn is made durable, not after, when auth needs no descent
+            // from the log: the reply waits for both, and if the spawn does not become durable
+            // the token is dropped unseen (its delegation stays in the audit log, for an agent
+            // that never existed).
+            Some((agent, grant)) if !grant.through_descent => {
+                tokio::join!(durable, self.agent_token(token, claims, agent, grant.capability))
             }
-            Some(toka_shared::Event::TaskClaimed { task, .. }) => task_payload = self.payload(*task).await,
-            _ => {}
-        }
+            Some((agent, grant)) => match durable.await {
+                Ok(()) => (Ok(()), self.agent_token(token, claims, agent, grant.capability).await),
+                Err(e) => (Err(e), None),
+            },
+            None => (durable.await, None),
+        };
+        durable?;
         Ok(SubmitReply {
             seq: accepted.seq,
             time_us: accepted.time_us,
             events: accepted.events,
             agent_token,
-            task_payload,
+            task_payload: accepted.task_payload,
         })
     }
 
-    /// A task's payload, from the state.
-    async fn payload(&self, task: toka_shared::TaskId) -> Option<String> {
-        let (reply, wait) = oneshot::channel();
-        let query: sequencer::Query = Box::new(move |state: &State| {
-            let payload = state.task_payload(task).map(str::to_owned);
-            Box::new(move || {
-                let _ = reply.send(payload);
-            })
-        });
-        self.enqueue(Input::Query(query)).ok()?;
-        wait.await.ok()?
-    }
-
-    /// A token for a newly spawned agent, delegated by auth from the caller's: the actions of
-    /// the caller's widest capability over the new agent, on `agent:<id>/**`, for at most
-    /// `kernel.agent_token_ttl_ms` and never past the caller's own expiry. The spawn is
-    /// durable whatever happens here; without a token the reply says so by leaving it out.
-    async fn agent_token(&self, token: &str, claims: &Claims, agent: toka_shared::AgentId) -> Option<String> {
-        let subtree = Pattern::Subtree(agent);
-        let caps = claims.caps.clone();
-        let pattern = subtree.clone();
-        let (reply, wait) = oneshot::channel();
-        let query: sequencer::Query = Box::new(move |state: &State| {
-            let chosen =
-                state.widest_covering(&caps, &pattern).map(|c| Capability { resource: pattern, actions: c.actions });
-            Box::new(move || {
-                let _ = reply.send(chosen);
-            })
-        });
-        self.enqueue(Input::Query(query)).ok()?;
-        let capability = wait.await.ok()??;
+    /// A token for a newly spawned agent, delegated by auth from the caller's: `capability`
+    /// (the actions of the caller's widest capability over the new agent, on
+    /// `agent:<id>/**`), for at most `kernel.agent_token_ttl_ms` and never past the caller's
+    /// own expiry. The spawn is durable whatever happens here; without a token the reply says
+    /// so by leaving it out.
+    async fn agent_token(
+        &self,
+        token: &str,
+        claims: &Claims,
+        agent: toka_shared::AgentId,
+        capability: Capability,
+    ) -> Option<String> {
         let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
         let left_ms = claims.exp.saturating_sub(now_s + 1).saturating_mul(1_000);
         let ttl_ms = left_ms.min(self.agent_token_ttl_ms);

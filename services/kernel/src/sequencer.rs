@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 use toka_shared::api::storage::{AppendReply, AppendRequest};
+use toka_shared::capability::Pattern;
 use toka_shared::record::{Hash, Record};
 use toka_shared::runtime::bus::{Bus, RequestError};
 use toka_shared::runtime::now_us;
@@ -25,7 +26,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::machine::{Authority, Ctx, Outcome, State};
 use crate::recovery;
 
-/// What a caller gets once its operation is durable.
+/// What a caller learns when its operation is applied; [`Applied::durable`] says when (and
+/// whether) it is durable, and nothing may be acknowledged before that.
+#[derive(Debug)]
+pub struct Applied {
+    /// The outcome.
+    pub accepted: Accepted,
+    /// Resolves once the record (and everything before it) is durable, or fails with
+    /// `unavailable` if the append failed.
+    pub durable: oneshot::Receiver<Result<(), WireError>>,
+}
+
+/// An applied operation's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     /// The record's sequence (the first application's, for a duplicate).
@@ -34,6 +46,22 @@ pub struct Accepted {
     pub time_us: u64,
     /// Its events.
     pub events: Vec<Event>,
+    /// For a spawn: what the new agent's token is delegated, read from the state as the
+    /// spawn was applied.
+    pub agent_grant: Option<AgentGrant>,
+    /// For a claim: the task's payload.
+    pub task_payload: Option<String>,
+}
+
+/// What a spawned agent's token is delegated from its spawner's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentGrant {
+    /// `agent:<new>/**` with the actions of the spawner's widest capability covering it.
+    pub capability: Capability,
+    /// Whether that capability covers the new agent only through its descent (`agent:<x>/**`
+    /// for an ancestor x), which auth checks in the kernel log: the spawn must be durable
+    /// before the token is asked for. `agent:*` covers it without.
+    pub through_descent: bool,
 }
 
 /// A question answered from the state.
@@ -51,8 +79,8 @@ pub enum Input {
         caps: Vec<Capability>,
         /// The operation.
         op: Operation,
-        /// Where the outcome goes.
-        reply: oneshot::Sender<Result<Accepted, WireError>>,
+        /// Where the outcome goes, as soon as it is applied (or refused).
+        reply: oneshot::Sender<Result<Applied, WireError>>,
     },
     /// A query: computed on the state at once, its answer released once what was applied
     /// before it is durable.
@@ -91,6 +119,8 @@ type Waiter = Box<dyn FnOnce(Result<(), WireError>) + Send>;
 #[derive(Default)]
 struct Batch {
     records: Vec<KernelRecord>,
+    /// Each record's encoded length.
+    sizes: Vec<usize>,
     bytes: usize,
     waiters: Vec<Waiter>,
 }
@@ -198,14 +228,37 @@ impl Sequencer {
             Input::Submit { op_id, principal, caps, op, reply } => {
                 let authority = Authority::Client(&caps);
                 match self.apply(&op, op_id, &principal, authority) {
-                    Ok(accepted) => self.wait(Box::new(move |outcome| {
-                        let _ = reply.send(outcome.map(|()| accepted));
-                    })),
+                    Ok(mut accepted) => {
+                        self.detail(&caps, &mut accepted);
+                        let (durable, done) = oneshot::channel();
+                        let _ = reply.send(Ok(Applied { accepted, durable: done }));
+                        self.wait(Box::new(move |outcome| {
+                            let _ = durable.send(outcome);
+                        }))
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
+        }
+    }
+
+    /// What the reply to an accepted spawn or claim carries besides its events, read now
+    /// rather than by a later query that would wait for another commit.
+    fn detail(&self, caps: &[Capability], accepted: &mut Accepted) {
+        match accepted.events.first() {
+            Some(Event::AgentSpawned { agent, .. }) => {
+                let subtree = Pattern::Subtree(*agent);
+                accepted.agent_grant = self.state.widest_covering(caps, &subtree).map(|c| AgentGrant {
+                    through_descent: !matches!(c.resource, Pattern::AnyAgent),
+                    capability: Capability { resource: subtree, actions: c.actions },
+                });
+            }
+            Some(Event::TaskClaimed { task, .. }) => {
+                accepted.task_payload = self.state.task_payload(*task).map(str::to_owned);
+            }
+            _ => {}
         }
     }
 
@@ -231,16 +284,29 @@ impl Sequencer {
         let ctx = Ctx { seq, time_us, op_id, principal, authority };
         match self.state.apply(op, &ctx) {
             Ok(Outcome::Applied(events)) => {
-                let record =
-                    Record::seal(seq, op_id, principal.clone(), time_us, op.clone(), events.clone(), self.head_hash)
-                        .map_err(|e| WireError::new(ErrorCode::Internal, format!("sealing record {seq}: {e}")))?;
+                let unsealed = Record {
+                    seq,
+                    op_id,
+                    principal: principal.clone(),
+                    time_us,
+                    op: op.clone(),
+                    events: events.clone(),
+                    prev_hash: self.head_hash,
+                    hash: Hash::ZERO,
+                };
+                let (record, size) = unsealed
+                    .sealed()
+                    .map_err(|e| WireError::new(ErrorCode::Internal, format!("sealing record {seq}: {e}")))?;
                 self.head_hash = record.hash;
-                self.pending.bytes += serde_json::to_vec(&record).map(|v| v.len()).unwrap_or(0);
+                self.pending.bytes += size;
+                self.pending.sizes.push(size);
                 self.pending.records.push(record);
-                Ok(Accepted { seq, time_us, events })
+                Ok(Accepted { seq, time_us, events, agent_grant: None, task_payload: None })
             }
             // The first result, released (by the caller's wait) once it is durable.
-            Ok(Outcome::Duplicate { seq, events }) => Ok(Accepted { seq, time_us: 0, events }),
+            Ok(Outcome::Duplicate { seq, events }) => {
+                Ok(Accepted { seq, time_us: 0, events, agent_grant: None, task_payload: None })
+            }
             Err(e) => Err(WireError::from(&e)),
         }
     }
@@ -270,15 +336,17 @@ impl Sequencer {
         if batch.bytes > self.settings.max_batch_bytes && batch.records.len() > 1 {
             let mut bytes = 0;
             let cut = batch
-                .records
+                .sizes
                 .iter()
-                .position(|r| {
-                    bytes += serde_json::to_vec(r).map(|v| v.len()).unwrap_or(0);
+                .position(|size| {
+                    bytes += size;
                     bytes > self.settings.max_batch_bytes
                 })
                 .unwrap_or(batch.records.len())
                 .max(1);
+            bytes = batch.sizes[..cut].iter().sum();
             rest.records = batch.records.split_off(cut);
+            rest.sizes = batch.sizes.split_off(cut);
             rest.bytes = batch.bytes.saturating_sub(bytes);
             // Waiters wait for everything before them: they ride with the later part.
             rest.waiters = std::mem::take(&mut batch.waiters);

@@ -2,12 +2,14 @@
 //! written. A batch with one bad entry is refused whole, with an error that names the entry,
 //! the schema and the JSON pointer.
 
+use serde::Deserialize as _;
 use serde_json::Value;
 use toka_shared::Event;
 use toka_shared::record::{LogName, Record};
 use toka_shared::schema::Registry;
 use toka_shared::wire::{ErrorCode, WireError};
 
+use crate::publish::Outbox;
 use crate::wal::{EventKey, StoredRecord};
 
 /// The most records one append may carry.
@@ -50,6 +52,20 @@ fn validate(log: LogName, body: &Value) -> Result<(), WireError> {
 
 /// [`records`] for a body already validated against its schema (the services host does that).
 pub fn checked_records(body: &Value) -> Result<Vec<StoredRecord>, WireError> {
+    checked(body, false).map(|(records, _)| records)
+}
+
+/// [`checked_records`], with the append's events as the messages to publish once it is
+/// committed.
+pub fn checked_with_outbox(log: LogName, body: &Value) -> Result<(Vec<StoredRecord>, Outbox), WireError> {
+    let (records, events) = checked(body, true)?;
+    Ok((records, Outbox { log, records: events }))
+}
+
+/// Each record's (sequence, time, events).
+type RecordEvents = Vec<(u64, u64, Vec<Event>)>;
+
+fn checked(body: &Value, keep_events: bool) -> Result<(Vec<StoredRecord>, RecordEvents), WireError> {
     let expected_seq = body["expected_seq"].as_u64().unwrap_or(0);
     let items = body["records"].as_array().map(Vec::as_slice).unwrap_or_default();
     if items.len() > MAX_BATCH_RECORDS {
@@ -59,8 +75,9 @@ pub fn checked_records(body: &Value) -> Result<Vec<StoredRecord>, WireError> {
         ));
     }
     let mut out: Vec<StoredRecord> = Vec::with_capacity(items.len());
+    let mut kept = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let record: Record<Value> = serde_json::from_value(item.clone()).map_err(|e| bad(i, e.to_string()))?;
+        let record = Record::<Value>::deserialize(item).map_err(|e| bad(i, e.to_string()))?;
         let expected = expected_seq + i as u64;
         if record.seq != expected {
             return Err(bad(i, format!("seq {} where {expected} was expected", record.seq)));
@@ -80,6 +97,9 @@ pub fn checked_records(body: &Value) -> Result<Vec<StoredRecord>, WireError> {
             .map(|e: &Event| EventKey { event_type: e.type_name().to_owned(), entity: e.entity() })
             .collect();
         let body = serde_json::to_vec(item).map_err(|e| bad(i, e.to_string()))?;
+        if keep_events {
+            kept.push((record.seq, record.time_us, record.events));
+        }
         out.push(StoredRecord {
             seq: record.seq,
             hash: record.hash,
@@ -89,7 +109,7 @@ pub fn checked_records(body: &Value) -> Result<Vec<StoredRecord>, WireError> {
             events,
         });
     }
-    Ok(out)
+    Ok((out, kept))
 }
 
 #[cfg(test)]

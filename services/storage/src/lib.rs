@@ -135,6 +135,10 @@ macro_rules! raw_append {
         struct $name(Value);
         impl Contract for $name {
             const SCHEMA: &'static str = $schema;
+
+            fn from_document(doc: Value) -> Result<Self, serde_json::Error> {
+                Ok($name(doc))
+            }
         }
     };
 }
@@ -180,7 +184,8 @@ async fn on_wal<T: Send + 'static>(
 /// Checks and queues an append at once, in arrival order (a pipelining client's batches reach
 /// the WAL in the order it sent them), and returns the wait for its commit.
 fn append(wal: &WalHandle, log: LogName, body: Value) -> impl Future<Output = Result<AppendReply, WireError>> + use<> {
-    let queued = ingest::checked_records(&body).and_then(|records| wal.append(log, records).map_err(busy));
+    let queued = ingest::checked_with_outbox(log, &body)
+        .and_then(|(records, outbox)| wal.append(log, records, outbox).map_err(busy));
     async move {
         let appended = queued?.await.map_err(busy)?.map_err(wal_error)?;
         Ok(AppendReply {

@@ -2,14 +2,19 @@
 //!
 //! After a commit, each event of each new record goes to the stream `TOKA_EVENTS` on
 //! `toka.evt.<log>.<category>.<name>.<entity>`, as a CloudEvents envelope, with
-//! `Nats-Msg-Id` = `<log>:<seq>.<idx>` so the stream drops a republished duplicate. The WAL
-//! remembers how far it has published; on start (and after any failure) publishing resumes
-//! from there, so no committed event is lost to consumers.
+//! `Nats-Msg-Id` = `<log>:<seq>.<idx>` so the stream drops a republished duplicate. The
+//! messages of an append are built before its commit and handed to the publisher after it,
+//! so the usual path neither reads the WAL back nor parses a record twice. The WAL remembers
+//! how far it has published; on start, after any failure, and whenever the publisher fell
+//! behind, publishing resumes from there, reading the WAL, so no committed event is lost to
+//! consumers.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use serde_json::Value;
+use toka_shared::Event;
 use toka_shared::envelope::{Envelope, message_id};
 use toka_shared::record::{LogName, Record};
 use toka_shared::subject;
@@ -48,58 +53,164 @@ pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), Error> {
     Ok(())
 }
 
-/// Publishes every committed but unpublished event of `log`; returns how many records it
-/// covered. Stops at the first failure, leaving the progress marker at the last success.
-pub async fn publish_pending(js: &jetstream::Context, wal: &WalHandle, log: LogName) -> Result<u64, String> {
-    let mut done = 0;
-    loop {
-        let published =
-            wal.call(move |w| w.published(log)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        let records = wal
-            .call(move |w| w.read(log, published + 1, 256, 4 << 20))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let Some(last) = records.last().map(|r| r.seq) else { return Ok(done) };
-        let mut acks = Vec::new();
-        for stored in &records {
-            let record: Record<Value> =
-                serde_json::from_slice(&stored.body).map_err(|e| format!("record {}: {e}", stored.seq))?;
-            for (idx, event) in record.events.into_iter().enumerate() {
-                let idx = u16::try_from(idx).map_err(|_| format!("record {} has too many events", stored.seq))?;
-                let envelope = Envelope::new(log, record.seq, idx, record.time_us, event, None);
-                let payload = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
-                let message =
-                    PublishMessage::build().payload(payload.into()).message_id(message_id(log, record.seq, idx));
-                let ack =
-                    js.send_publish(subject::event(log, &envelope.data), message).await.map_err(|e| e.to_string())?;
-                acks.push(ack);
-            }
-        }
-        // Pipelined: every publish is in flight before the first acknowledgement is awaited.
-        for ack in acks {
-            ack.await.map_err(|e| e.to_string())?;
-        }
-        wal.call(move |w| w.set_published(log, last)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        done += records.len() as u64;
+/// One JetStream message: subject, `Nats-Msg-Id`, CloudEvents envelope.
+#[derive(Debug, Clone)]
+struct Message {
+    subject: String,
+    id: String,
+    payload: Vec<u8>,
+}
+
+/// The messages of `events`, the events of record `seq` of `log`, committed at `time_us`.
+fn messages(log: LogName, seq: u64, time_us: u64, events: Vec<Event>) -> Result<Vec<Message>, String> {
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(idx, event)| {
+            let idx = u16::try_from(idx).map_err(|_| format!("record {seq} has too many events"))?;
+            let envelope = Envelope::new(log, seq, idx, time_us, event, None);
+            let payload = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
+            Ok(Message { subject: subject::event(log, &envelope.data), id: message_id(log, seq, idx), payload })
+        })
+        .collect()
+}
+
+/// The events of one append, decoded when it was checked, to publish once it is committed.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// The log.
+    pub log: LogName,
+    /// Each record's sequence, sequencer time and events, in order.
+    pub records: Vec<(u64, u64, Vec<Event>)>,
+}
+
+impl Outbox {
+    /// The first and last sequence.
+    fn seqs(&self) -> (u64, u64) {
+        (self.records.first().map_or(0, |r| r.0), self.records.last().map_or(0, |r| r.0))
     }
 }
 
-/// Publishes after every commit (and every second, to retry after a failure) until `stop`.
+/// Sends `messages` and waits for every acknowledgement (all are in flight before the first
+/// is awaited).
+async fn send(js: &jetstream::Context, messages: Vec<Message>) -> Result<(), String> {
+    let mut acks = Vec::with_capacity(messages.len());
+    for m in messages {
+        let message = PublishMessage::build().payload(m.payload.into()).message_id(m.id);
+        acks.push(js.send_publish(m.subject, message).await.map_err(|e| e.to_string())?);
+    }
+    for ack in acks {
+        ack.await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Where publishing stands: how far each log is published, as the WAL's marker says.
+struct Progress {
+    js: jetstream::Context,
+    wal: WalHandle,
+    published: BTreeMap<LogName, u64>,
+}
+
+impl Progress {
+    async fn mark(&mut self, log: LogName, seq: u64) -> Result<(), String> {
+        self.wal
+            .call(move |w| w.set_published(log, seq))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        self.published.insert(log, seq);
+        Ok(())
+    }
+
+    /// Publishes a committed append from memory if it continues what is published, else
+    /// catches up from the WAL (which holds it too); an append already covered is skipped.
+    async fn outbox(&mut self, outbox: Outbox) -> Result<(), String> {
+        let done = self.published.get(&outbox.log).copied().unwrap_or(0);
+        let (first, last) = outbox.seqs();
+        if last <= done {
+            return Ok(());
+        }
+        if first != done + 1 {
+            return self.pending(outbox.log).await.map(|_| ());
+        }
+        let mut messages = Vec::new();
+        for (seq, time_us, events) in outbox.records {
+            messages.extend(self::messages(outbox.log, seq, time_us, events)?);
+        }
+        send(&self.js, messages).await?;
+        self.mark(outbox.log, last).await
+    }
+
+    /// Publishes every committed but unpublished event of `log`, read from the WAL; returns
+    /// how many records it covered. Stops at the first failure, leaving the marker at the
+    /// last success.
+    async fn pending(&mut self, log: LogName) -> Result<u64, String> {
+        let mut done = 0;
+        loop {
+            let published = self
+                .wal
+                .call(move |w| w.published(log))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let records = self
+                .wal
+                .call(move |w| w.read(log, published + 1, 256, 4 << 20))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let Some(last) = records.last().map(|r| r.seq) else {
+                self.published.insert(log, published);
+                return Ok(done);
+            };
+            let mut messages = Vec::new();
+            for stored in &records {
+                let record: Record<Value> =
+                    serde_json::from_slice(&stored.body).map_err(|e| format!("record {}: {e}", stored.seq))?;
+                messages.extend(self::messages(log, record.seq, record.time_us, record.events)?);
+            }
+            send(&self.js, messages).await?;
+            self.mark(log, last).await?;
+            done += records.len() as u64;
+        }
+    }
+}
+
+/// Publishes what was committed before the start, then each commit as it happens (from
+/// memory), and every second whatever a failure or a full queue left behind, until `stop`.
 pub async fn run(js: jetstream::Context, wal: WalHandle, mut stop: watch::Receiver<bool>) {
-    let appended = wal.appended();
+    let Some(mut committed) = wal.take_committed() else {
+        tracing::error!("a second publisher was started; this one stops");
+        return;
+    };
+    let mut progress = Progress { js, wal, published: BTreeMap::new() };
+    let mut catch_up = true;
     loop {
-        for log in LogName::ALL {
-            match publish_pending(&js, &wal, log).await {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!(%log, records = n, "published committed events"),
-                Err(e) => tracing::warn!(%log, error = %e, "publishing committed events failed; will retry"),
+        if catch_up {
+            for log in LogName::ALL {
+                match progress.pending(log).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(%log, records = n, "published committed events from the WAL"),
+                    Err(e) => tracing::warn!(%log, error = %e, "publishing committed events failed; will retry"),
+                }
             }
         }
-        tokio::select! {
-            _ = appended.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        let outbox = tokio::select! {
+            outbox = committed.recv() => match outbox {
+                Some(outbox) => outbox,
+                None => return,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                catch_up = true;
+                continue;
+            }
             _ = stop.wait_for(|s| *s) => return,
+        };
+        catch_up = false;
+        let log = outbox.log;
+        if let Err(e) = progress.outbox(outbox).await {
+            tracing::warn!(%log, error = %e, "publishing committed events failed; will retry");
         }
     }
 }

@@ -7,8 +7,9 @@ use std::future::Future;
 use std::sync::Arc;
 
 use toka_shared::record::LogName;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::publish::Outbox;
 use crate::wal::{Appended, Error, StoredRecord, Wal};
 
 /// How many requests may wait for the WAL thread.
@@ -19,11 +20,16 @@ const MAX_GROUP: usize = 512;
 
 type Call = Box<dyn FnOnce(&mut dyn Wal) + Send>;
 
-/// An append waiting for the next commit, with where to send its result.
-type PendingAppend = (LogName, Vec<StoredRecord>, oneshot::Sender<Result<Appended, Error>>);
+/// An append waiting for the next commit: its records, its events ready to publish, and
+/// where to send its result.
+type PendingAppend = (LogName, Vec<StoredRecord>, Outbox, oneshot::Sender<Result<Appended, Error>>);
+
+/// How many committed appends may wait for the publisher; beyond, it reads them back from the
+/// WAL instead.
+const OUTBOX_DEPTH: usize = 1024;
 
 enum Command {
-    Append(LogName, Vec<StoredRecord>, oneshot::Sender<Result<Appended, Error>>),
+    Append(PendingAppend),
     Call(Call),
 }
 
@@ -42,7 +48,7 @@ pub enum Busy {
 #[derive(Debug, Clone)]
 pub struct WalHandle {
     tx: mpsc::Sender<Command>,
-    appended: Arc<Notify>,
+    committed: Arc<std::sync::Mutex<Option<mpsc::Receiver<Outbox>>>>,
     backend: &'static str,
 }
 
@@ -50,8 +56,7 @@ impl WalHandle {
     /// Starts the WAL thread around `wal`.
     pub fn spawn(mut wal: Box<dyn Wal>) -> Result<(WalHandle, std::thread::JoinHandle<()>), std::io::Error> {
         let (tx, mut rx) = mpsc::channel::<Command>(QUEUE_DEPTH);
-        let appended = Arc::new(Notify::new());
-        let notify = appended.clone();
+        let (outboxes, committed) = mpsc::channel::<Outbox>(OUTBOX_DEPTH);
         let backend = wal.backend();
         let thread = std::thread::Builder::new().name("toka-wal".into()).spawn(move || {
             let mut appends: Vec<PendingAppend> = Vec::new();
@@ -60,7 +65,7 @@ impl WalHandle {
                 let mut next = Some(first);
                 while let Some(command) = next.take() {
                     match command {
-                        Command::Append(log, records, reply) => appends.push((log, records, reply)),
+                        Command::Append(append) => appends.push(append),
                         Command::Call(call) => calls.push(call),
                     }
                     if appends.len() < MAX_GROUP {
@@ -69,14 +74,15 @@ impl WalHandle {
                 }
                 if !appends.is_empty() {
                     let batches: Vec<(LogName, &[StoredRecord])> =
-                        appends.iter().map(|(log, records, _)| (*log, records.as_slice())).collect();
+                        appends.iter().map(|(log, records, _, _)| (*log, records.as_slice())).collect();
                     let results = wal.append(&batches);
-                    let any = results.iter().any(|r| r.as_ref().is_ok_and(|a| !a.duplicate));
-                    for ((_, _, reply), result) in appends.drain(..).zip(results) {
+                    for ((_, _, outbox, reply), result) in appends.drain(..).zip(results) {
+                        // Committed: its events go to the publisher from memory. If it is behind
+                        // (the channel is full), it reads them back from the WAL.
+                        if result.as_ref().is_ok_and(|a| !a.duplicate) {
+                            let _ = outboxes.try_send(outbox);
+                        }
                         let _ = reply.send(result);
-                    }
-                    if any {
-                        notify.notify_one();
                     }
                 }
                 for call in calls.drain(..) {
@@ -84,7 +90,8 @@ impl WalHandle {
                 }
             }
         })?;
-        Ok((WalHandle { tx, appended, backend }, thread))
+        let committed = Arc::new(std::sync::Mutex::new(Some(committed)));
+        Ok((WalHandle { tx, committed, backend }, thread))
     }
 
     /// `memory`, `sqlite` or `fdb`.
@@ -92,20 +99,22 @@ impl WalHandle {
         self.backend
     }
 
-    /// Notified after each commit that added records.
-    pub fn appended(&self) -> Arc<Notify> {
-        self.appended.clone()
+    /// The events of each commit, in commit order, for the one publisher (`None` once taken).
+    pub fn take_committed(&self) -> Option<mpsc::Receiver<Outbox>> {
+        self.committed.lock().ok()?.take()
     }
 
     /// Queues `records` for `log` now (so appends keep the order they were queued in) and
-    /// returns a future that resolves once they are durable.
+    /// returns a future that resolves once they are durable; `outbox`, their events ready to
+    /// publish, goes to the publisher once they are.
     pub fn append(
         &self,
         log: LogName,
         records: Vec<StoredRecord>,
+        outbox: Outbox,
     ) -> Result<impl Future<Output = Result<Result<Appended, Error>, Busy>> + use<>, Busy> {
         let (reply, result) = oneshot::channel();
-        self.tx.try_send(Command::Append(log, records, reply)).map_err(|e| match e {
+        self.tx.try_send(Command::Append((log, records, outbox, reply))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Busy::Full,
             mpsc::error::TrySendError::Closed(_) => Busy::Closed,
         })?;

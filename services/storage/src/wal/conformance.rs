@@ -265,6 +265,27 @@ fn sqlite_keeps_what_it_acknowledged_across_a_reopen() {
 }
 
 #[test]
+fn sqlite_writes_the_publish_marker_with_the_next_commit_not_an_fsync_of_its_own() {
+    let dir = TempDir::new("marker");
+    let stored = |dir: &std::path::Path| -> Option<i64> {
+        let conn = rusqlite::Connection::open(dir.join("wal.sqlite3")).unwrap();
+        conn.query_row("SELECT published_seq FROM logs WHERE log = 'kernel'", [], |r| r.get(0)).ok()
+    };
+    let a = chain((0, Hash::ZERO), 2, "a");
+    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    append_one(&mut wal, LogName::Kernel, &a).unwrap();
+    wal.set_published(LogName::Kernel, 2).unwrap();
+    assert_eq!(wal.published(LogName::Kernel).unwrap(), 2, "the WAL answers with the marker at once");
+    assert_eq!(stored(&dir.0), None, "but has not written it yet");
+    let b = chain(head_of(&a), 1, "b");
+    append_one(&mut wal, LogName::Kernel, &b).unwrap();
+    assert_eq!(stored(&dir.0), Some(2), "the next commit carried it");
+    wal.set_published(LogName::Kernel, 3).unwrap();
+    drop(wal);
+    assert_eq!(stored(&dir.0), Some(3), "a clean close writes what is left");
+}
+
+#[test]
 fn sqlite_admits_one_process_per_data_directory() {
     let dir = TempDir::new("lock");
     let _first = SqliteWal::open(&dir.0).unwrap();

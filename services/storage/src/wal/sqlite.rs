@@ -10,6 +10,7 @@
 //! A data directory on a read-only mount is opened read-only: reads, queries and verification
 //! still work, and every write is refused with an error that says why.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +59,9 @@ fn seq_i64(seq: u64) -> Result<i64, Error> {
 #[derive(Debug)]
 pub struct SqliteWal {
     conn: Connection,
+    /// Publish markers not yet written: they ride along with the next append's commit (see
+    /// [`Wal::set_published`]), or are written on drop.
+    unsaved_marks: BTreeMap<LogName, u64>,
     dir: PathBuf,
     read_only: bool,
     _checkpointer: Option<Checkpointer>,
@@ -74,7 +78,10 @@ struct Checkpointer {
 }
 
 impl Checkpointer {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+    /// Often enough that a pass usually finds the whole WAL copied between two commits: the
+    /// next commit then starts the WAL file over instead of growing it without end under
+    /// steady load (which also made every fsync update the file's size).
+    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
     fn start(path: &Path) -> Result<Checkpointer, Error> {
         use std::sync::atomic::Ordering;
@@ -104,6 +111,17 @@ impl Drop for Checkpointer {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for SqliteWal {
+    fn drop(&mut self) {
+        if self.unsaved_marks.is_empty() || self.read_only {
+            return;
+        }
+        if let Err(e) = Self::save_marks(&self.conn, &self.unsaved_marks) {
+            tracing::warn!(error = %e, "publish markers not saved; events will be published again on start");
         }
     }
 }
@@ -150,17 +168,31 @@ impl SqliteWal {
                 | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
             tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
-            return Ok(SqliteWal { conn, dir: dir.to_owned(), read_only, _checkpointer: None, _lock: lock });
+            return Ok(SqliteWal {
+                conn,
+                unsaved_marks: BTreeMap::new(),
+                dir: dir.to_owned(),
+                read_only,
+                _checkpointer: None,
+                _lock: lock,
+            });
         }
         let conn = Connection::open(&path).map_err(io)?;
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY;").map_err(io)?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;").map_err(io)?;
         conn.execute_batch(SCHEMA).map_err(io)?;
         let checkpointer = Some(Checkpointer::start(&path)?);
-        let wal = SqliteWal { conn, dir: dir.to_owned(), read_only, _checkpointer: checkpointer, _lock: lock };
+        let wal = SqliteWal {
+            conn,
+            unsaved_marks: BTreeMap::new(),
+            dir: dir.to_owned(),
+            read_only,
+            _checkpointer: checkpointer,
+            _lock: lock,
+        };
         if wal.synchronous()? != 2 {
             return Err(Error::Io("synchronous is not FULL".into()));
         }
@@ -185,6 +217,18 @@ impl SqliteWal {
     fn writable(&self) -> Result<(), Error> {
         if self.read_only {
             return Err(Error::Io(format!("{} is on a read-only file system; writes are refused", self.dir.display())));
+        }
+        Ok(())
+    }
+
+    fn save_marks(conn: &Connection, marks: &BTreeMap<LogName, u64>) -> Result<(), Error> {
+        let mut upsert = conn
+            .prepare_cached(
+                "INSERT INTO logs (log, published_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET published_seq = ?2",
+            )
+            .map_err(io)?;
+        for (log, seq) in marks {
+            upsert.execute(params![log.as_str(), seq_i64(*seq)?]).map_err(io)?;
         }
         Ok(())
     }
@@ -262,24 +306,31 @@ impl Wal for SqliteWal {
         let mut results = Vec::with_capacity(batches.len());
         for (log, batch) in batches {
             let result = (|| {
-                tx.execute_batch("SAVEPOINT batch").map_err(io)?;
+                let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(io);
+                run("SAVEPOINT batch")?;
                 match Self::append_one(&tx, *log, batch) {
                     Ok(a) => {
-                        tx.execute_batch("RELEASE batch").map_err(io)?;
+                        run("RELEASE batch")?;
                         Ok(a)
                     }
                     Err(e) => {
-                        tx.execute_batch("ROLLBACK TO batch; RELEASE batch").map_err(io)?;
+                        run("ROLLBACK TO batch")?;
+                        run("RELEASE batch")?;
                         Err(e)
                     }
                 }
             })();
             results.push(result);
         }
+        // Markers are only a hint: one that does not save waits for the next commit.
+        let marks_saved = Self::save_marks(&tx, &self.unsaved_marks).is_ok();
         // The commit is the durability point: with synchronous=FULL it returns after fsync.
         if let Err(e) = tx.commit() {
             let e = io(e);
             return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+        }
+        if marks_saved {
+            self.unsaved_marks.clear();
         }
         results
     }
@@ -476,6 +527,9 @@ impl Wal for SqliteWal {
     }
 
     fn published(&self, log: LogName) -> Result<u64, Error> {
+        if let Some(seq) = self.unsaved_marks.get(&log) {
+            return Ok(*seq);
+        }
         let seq: Option<i64> = self
             .conn
             .query_row("SELECT published_seq FROM logs WHERE log = ?1", [log.as_str()], |r| r.get(0))
@@ -484,14 +538,12 @@ impl Wal for SqliteWal {
         Ok(seq.unwrap_or(0) as u64)
     }
 
+    /// Kept in memory and written with the next append's commit (or on drop), not with an
+    /// fsync of its own: the marker only spares work after a restart (events published again
+    /// are dropped by their message id), so appends pay one fsync per commit, not two.
     fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error> {
         self.writable()?;
-        self.conn
-            .execute(
-                "INSERT INTO logs (log, published_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET published_seq = ?2",
-                params![log.as_str(), seq_i64(seq)?],
-            )
-            .map_err(io)?;
+        self.unsaved_marks.insert(log, seq);
         Ok(())
     }
 }

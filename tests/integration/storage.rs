@@ -233,6 +233,48 @@ async fn events_committed_but_not_published_are_published_on_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_whose_publish_failed_are_published_from_the_wal_later() {
+    let Some(nats) = Nats::start().await else { return };
+    let dir = TempDir::new("publish-gap");
+    let storage = start_storage(&nats, &dir.0).await;
+    let kernel = nats.connect(Role::Kernel).await;
+    let status_bus = nats.connect(Role::Telemetry).await;
+    let published = || async {
+        status_bus.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
+            .published_seq
+    };
+    let append = subject::append(LogName::Kernel).subject;
+    let first = records_after((0, Hash::ZERO), 2);
+    let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
+    crate::assert_eventually!(Duration::from_secs(10), published().await == 2, "the first batch published");
+
+    // The stream goes away: the next commit's events cannot be published from memory.
+    let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
+    js.delete_stream(subject::EVENTS_STREAM).await.unwrap();
+    let second = records_after((2, first[1].hash), 3);
+    let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(published().await, 2, "nothing is marked published that was not");
+
+    // Once the stream is back, the missed commit is read from the WAL and published, with the
+    // one after it.
+    toka_storage::publish::ensure_stream(&js).await.unwrap();
+    let third = records_after((5, second[2].hash), 1);
+    let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
+    crate::assert_eventually!(Duration::from_secs(10), published().await == 6, "published through seq 6");
+    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 4, "the events of seq 3 to 6, each once");
+    let mut ids = Vec::new();
+    for sequence in 1..=4 {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let envelope: toka_shared::envelope::Envelope = serde_json::from_slice(&message.payload).unwrap();
+        ids.push(envelope.id);
+    }
+    assert_eq!(ids, ["kernel:3.0", "kernel:4.0", "kernel:5.0", "kernel:6.0"], "in commit order");
+    storage.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_appends_commit_in_the_order_they_were_sent() {
     let Some(nats) = Nats::start().await else { return };
     let dir = TempDir::new("pipeline");

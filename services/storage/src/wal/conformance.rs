@@ -152,7 +152,9 @@ fn snapshots_complete_then_allow_compaction(wal: &mut dyn Wal) {
     // The log goes on after compaction; a retry of a compacted record is refused, not guessed.
     let more = chain(head_of(&a), 1, "more");
     append_one(wal, LogName::Kernel, &more).unwrap();
+    assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 7, hash: more[0].hash, first_seq: 5 });
     assert!(matches!(append_one(wal, LogName::Kernel, &a[..1]), Err(Error::Conflict { .. })));
+    assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 7, hash: more[0].hash, first_seq: 5 });
 }
 
 fn publishing_progress_is_kept(wal: &mut dyn Wal) {

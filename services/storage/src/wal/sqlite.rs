@@ -62,6 +62,9 @@ pub struct SqliteWal {
     /// Publish markers not yet written: they ride along with the next append's commit (see
     /// [`Wal::set_published`]), or are written on drop.
     unsaved_marks: BTreeMap<LogName, u64>,
+    /// Each log's head as of the last commit, so an append does not query it (this process is
+    /// the only writer); dropped whenever a transaction fails or compaction moves it.
+    heads: BTreeMap<LogName, Head>,
     dir: PathBuf,
     read_only: bool,
     _checkpointer: Option<Checkpointer>,
@@ -171,6 +174,7 @@ impl SqliteWal {
             return Ok(SqliteWal {
                 conn,
                 unsaved_marks: BTreeMap::new(),
+                heads: BTreeMap::new(),
                 dir: dir.to_owned(),
                 read_only,
                 _checkpointer: None,
@@ -188,6 +192,7 @@ impl SqliteWal {
         let wal = SqliteWal {
             conn,
             unsaved_marks: BTreeMap::new(),
+            heads: BTreeMap::new(),
             dir: dir.to_owned(),
             read_only,
             _checkpointer: checkpointer,
@@ -253,8 +258,18 @@ impl SqliteWal {
         })
     }
 
-    fn append_one(tx: &Connection, log: LogName, batch: &[StoredRecord]) -> Result<Appended, Error> {
-        let head = Self::head_in(tx, log)?;
+    /// Appends `batch` after `head` (the log's head, or `None` to read it); returns the
+    /// outcome and the new head.
+    fn append_one(
+        tx: &Connection,
+        log: LogName,
+        batch: &[StoredRecord],
+        head: Option<Head>,
+    ) -> Result<(Appended, Head), Error> {
+        let head = match head {
+            Some(head) => head,
+            None => Self::head_in(tx, log)?,
+        };
         let committed = plan_append(head, batch, |seq| {
             let hash: Option<Vec<u8>> = tx
                 .prepare_cached("SELECT hash FROM records WHERE log = ?1 AND seq = ?2")
@@ -281,12 +296,14 @@ impl SqliteWal {
             }
         }
         let (first, last) = (&batch[0], &batch[batch.len() - 1]);
-        Ok(Appended {
+        let appended = Appended {
             first_seq: first.seq,
             last_seq: last.seq,
             last_hash: last.hash,
             duplicate: committed == batch.len(),
-        })
+        };
+        let head = if last.seq > head.seq { Head { seq: last.seq, hash: last.hash, ..head } } else { head };
+        Ok((appended, head))
     }
 }
 
@@ -304,13 +321,15 @@ impl Wal for SqliteWal {
             Err(e) => return batches.iter().map(|_| Err(io(&e))).collect(),
         };
         let mut results = Vec::with_capacity(batches.len());
+        let mut heads = self.heads.clone();
         for (log, batch) in batches {
             let result = (|| {
                 let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(io);
                 run("SAVEPOINT batch")?;
-                match Self::append_one(&tx, *log, batch) {
-                    Ok(a) => {
+                match Self::append_one(&tx, *log, batch, heads.get(log).copied()) {
+                    Ok((a, head)) => {
                         run("RELEASE batch")?;
+                        heads.insert(*log, head);
                         Ok(a)
                     }
                     Err(e) => {
@@ -326,8 +345,16 @@ impl Wal for SqliteWal {
         let marks_saved = Self::save_marks(&tx, &self.unsaved_marks).is_ok();
         // The commit is the durability point: with synchronous=FULL it returns after fsync.
         if let Err(e) = tx.commit() {
+            self.heads.clear();
             let e = io(e);
             return results.into_iter().map(|r| r.and(Err(e.clone()))).collect();
+        }
+        // A refused batch leaves the cache to be read again: only an all-good commit is
+        // certain to have moved the heads exactly as planned.
+        if results.iter().all(Result::is_ok) {
+            self.heads = heads;
+        } else {
+            self.heads.clear();
         }
         if marks_saved {
             self.unsaved_marks.clear();
@@ -368,7 +395,10 @@ impl Wal for SqliteWal {
     }
 
     fn head(&self, log: LogName) -> Result<Head, Error> {
-        Self::head_in(&self.conn, log)
+        match self.heads.get(&log) {
+            Some(head) => Ok(*head),
+            None => Self::head_in(&self.conn, log),
+        }
     }
 
     fn query(&self, log: LogName, q: &Query) -> Result<Vec<Hit>, Error> {
@@ -489,6 +519,8 @@ impl Wal for SqliteWal {
 
     fn compact(&mut self, log: LogName, through_seq: u64) -> Result<u64, Error> {
         self.writable()?;
+        // The head's oldest kept sequence moves (or, on failure, is unknown): read it again.
+        self.heads.remove(&log);
         let head = self.head(log)?;
         let newest: Option<i64> = self
             .conn

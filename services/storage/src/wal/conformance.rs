@@ -157,6 +157,42 @@ fn snapshots_complete_then_allow_compaction(wal: &mut dyn Wal) {
     assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 7, hash: more[0].hash, first_seq: 5 });
 }
 
+fn only_the_newest_snapshots_are_kept(wal: &mut dyn Wal) {
+    let a = chain((0, Hash::ZERO), 8, "a");
+    append_one(wal, LogName::Kernel, &a).unwrap();
+    let chunk = |seq: u64, i: u32| SnapshotChunk {
+        seq,
+        state_hash: Hash([seq as u8; 32]),
+        chunk: i,
+        chunks: 2,
+        data: vec![seq as u8; 4],
+    };
+    let newest_at = |wal: &dyn Wal, at: u64| wal.snapshot_chunk(LogName::Kernel, Some(at), 0).unwrap().map(|c| c.seq);
+    // Complete snapshots at 2, 4 and 6; one left incomplete at 3; one on the other log.
+    for seq in [2, 4] {
+        wal.put_snapshot_chunk(LogName::Kernel, chunk(seq, 0)).unwrap();
+        assert!(wal.put_snapshot_chunk(LogName::Kernel, chunk(seq, 1)).unwrap());
+    }
+    wal.put_snapshot_chunk(LogName::Kernel, chunk(3, 0)).unwrap();
+    append_one(wal, LogName::Audit, &chain((0, Hash::ZERO), 2, "x")).unwrap();
+    wal.put_snapshot_chunk(LogName::Audit, chunk(1, 0)).unwrap();
+    assert!(wal.put_snapshot_chunk(LogName::Audit, chunk(1, 1)).unwrap());
+    assert_eq!(newest_at(wal, 2), Some(2), "two complete snapshots are both kept");
+    wal.put_snapshot_chunk(LogName::Kernel, chunk(6, 1)).unwrap();
+    assert_eq!(newest_at(wal, 3), Some(2), "an incomplete snapshot removes nothing");
+    assert!(wal.put_snapshot_chunk(LogName::Kernel, chunk(6, 0)).unwrap());
+    assert_eq!(newest_at(wal, 8), Some(6));
+    assert_eq!(newest_at(wal, 5), Some(4), "the one before the newest is kept");
+    assert_eq!(newest_at(wal, 3), None, "older snapshots are gone");
+    assert!(
+        !wal.put_snapshot_chunk(LogName::Kernel, chunk(3, 1)).unwrap(),
+        "the incomplete one before them is gone too: its first chunk must come again"
+    );
+    assert_eq!(wal.snapshot_chunk(LogName::Audit, None, 1).unwrap(), Some(chunk(1, 1)), "other logs keep theirs");
+    // Compaction still reaches the newest snapshot.
+    assert_eq!(wal.compact(LogName::Kernel, 6).unwrap(), 6);
+}
+
 fn publishing_progress_is_kept(wal: &mut dyn Wal) {
     assert_eq!(wal.published(LogName::Kernel).unwrap(), 0);
     wal.set_published(LogName::Kernel, 12).unwrap();
@@ -169,12 +205,13 @@ type Case = (&'static str, fn(&mut dyn Wal));
 
 /// Every case, each on a fresh WAL from `new`.
 fn suite(mut new: impl FnMut() -> Box<dyn Wal>) {
-    let cases: [Case; 6] = [
+    let cases: [Case; 7] = [
         ("appends_are_contiguous_and_read_back", appends_are_contiguous_and_read_back),
         ("an_identical_retry_succeeds_anything_else_conflicts", an_identical_retry_succeeds_anything_else_conflicts),
         ("group_commit_keeps_batches_independent", group_commit_keeps_batches_independent),
         ("queries_find_events_by_entity_type_and_time", queries_find_events_by_entity_type_and_time),
         ("snapshots_complete_then_allow_compaction", snapshots_complete_then_allow_compaction),
+        ("only_the_newest_snapshots_are_kept", only_the_newest_snapshots_are_kept),
         ("publishing_progress_is_kept", publishing_progress_is_kept),
     ];
     for (name, case) in cases {

@@ -19,7 +19,8 @@ use toka_shared::record::{Hash, LogName};
 
 use super::fdb_layout::{self as layout, Layout};
 use super::{
-    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+    Appended, Error, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit,
+    plan_append,
 };
 
 /// The most index entries a query scans before answering with what it found.
@@ -299,7 +300,30 @@ impl Wal for FdbWal {
             present.push(c.chunk);
             present.sort_unstable();
             present.dedup();
-            Ok(present.len() == c.chunks as usize)
+            if present.len() != c.chunks as usize {
+                return Ok(false);
+            }
+            // The KEEP_SNAPSHOTS-th newest complete snapshot; everything before it goes.
+            let mut oldest_kept = None;
+            let mut through = u64::MAX;
+            for _ in 0..KEEP_SNAPSHOTS {
+                match Self::newest_snapshot(&trx, layout, log, through).await? {
+                    Some((seq, _, _)) => {
+                        oldest_kept = Some(seq);
+                        through = seq.saturating_sub(1);
+                    }
+                    None => {
+                        oldest_kept = None;
+                        break;
+                    }
+                }
+            }
+            if let Some(seq) = oldest_kept {
+                for (begin, end) in layout.snapshots_before(log, seq) {
+                    trx.clear_range(&begin, &end);
+                }
+            }
+            Ok(true)
         })
     }
 

@@ -169,6 +169,13 @@ impl Layout {
         self.root.pack(&("c", log.as_str(), seq, chunk))
     }
 
+    /// Every snapshot of `log` before `seq`, its metadata and its chunks, as two ranges.
+    pub fn snapshots_before(&self, log: LogName, seq: u64) -> [(Vec<u8>, Vec<u8>); 2] {
+        let metas = self.root.subspace(&("s", log.as_str()));
+        let chunks = self.root.subspace(&("c", log.as_str()));
+        [(metas.range().0, metas.pack(&(seq,))), (chunks.range().0, chunks.pack(&(seq,)))]
+    }
+
     /// Every chunk of a snapshot, as a range.
     pub fn snapshot_chunks(&self, log: LogName, seq: u64) -> (Vec<u8>, Vec<u8>) {
         self.root.subspace(&("c", log.as_str(), seq)).range()
@@ -323,6 +330,15 @@ mod tests {
         let (start, end) = layout.snapshots_through(LogName::Kernel, 10);
         assert!(start <= layout.snapshot(LogName::Kernel, 0) && layout.snapshot(LogName::Kernel, 10) < end);
         assert!(layout.snapshot(LogName::Kernel, 11) >= end);
+        let [(metas, metas_end), (chunks, chunks_end)] = layout.snapshots_before(LogName::Kernel, 10);
+        let inside = |k: &[u8], (s, e): (&[u8], &[u8])| s <= k && k < e;
+        assert!(inside(&layout.snapshot(LogName::Kernel, 0), (&metas, &metas_end)));
+        assert!(inside(&layout.snapshot(LogName::Kernel, 9), (&metas, &metas_end)));
+        assert!(!inside(&layout.snapshot(LogName::Kernel, 10), (&metas, &metas_end)), "the kept one stays");
+        assert!(!inside(&layout.snapshot(LogName::Audit, 1), (&metas, &metas_end)), "another log stays");
+        assert!(inside(&layout.snapshot_chunk(LogName::Kernel, 9, u32::MAX), (&chunks, &chunks_end)));
+        assert!(!inside(&layout.snapshot_chunk(LogName::Kernel, 10, 0), (&chunks, &chunks_end)));
+        assert!(!inside(&layout.snapshot_chunk(LogName::Audit, 1, 0), (&chunks, &chunks_end)));
     }
 
     proptest! {

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use toka_shared::record::{Hash, LogName};
 
 use super::{
-    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+    Appended, Error, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit,
+    plan_append,
 };
 
 /// A snapshot being uploaded or complete: state hash, chunk count, chunks received.
@@ -149,7 +150,15 @@ impl Wal for MemoryWal {
             return Err(Error::Invalid(format!("snapshot at {} was started with another hash or chunk count", c.seq)));
         }
         entry.have.insert(c.chunk, c.data);
-        Ok(entry.complete())
+        if !entry.complete() {
+            return Ok(false);
+        }
+        let kept =
+            log.snapshots.iter().rev().filter(|(_, s)| s.complete()).nth(KEEP_SNAPSHOTS - 1).map(|(seq, _)| *seq);
+        if let Some(oldest_kept) = kept {
+            log.snapshots = log.snapshots.split_off(&oldest_kept);
+        }
+        Ok(true)
     }
 
     fn snapshot_chunk(

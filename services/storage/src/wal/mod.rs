@@ -171,7 +171,9 @@ pub trait Wal: Send + 'static {
     /// Events matching `query`, in log order.
     fn query(&self, log: LogName, query: &Query) -> Result<Vec<Hit>, Error>;
 
-    /// Stores a snapshot chunk; returns whether the snapshot is now complete.
+    /// Stores a snapshot chunk; returns whether the snapshot is now complete. Completing one
+    /// keeps the [`KEEP_SNAPSHOTS`] newest complete snapshots of the log and removes every
+    /// snapshot older than those, complete or not, in the same transaction.
     fn put_snapshot_chunk(&mut self, log: LogName, chunk: SnapshotChunk) -> Result<bool, Error>;
 
     /// A chunk of the newest complete snapshot at or before `at_or_before`.
@@ -192,6 +194,12 @@ pub trait Wal: Send + 'static {
     /// Records that events through `seq` are published.
     fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error>;
 }
+
+/// How many complete snapshots each log keeps. Recovery needs only the newest; the one before
+/// it stays so that a reader that began with it (a standby loading chunk by chunk while a new
+/// snapshot completes) can finish. Without a bound every snapshot stayed on disk for ever: tens
+/// of megabytes each, every 100 000 records under load.
+pub const KEEP_SNAPSHOTS: usize = 2;
 
 /// Refuses a snapshot chunk that is out of range or past the head.
 pub(crate) fn check_chunk(c: &SnapshotChunk, head: Head) -> Result<(), Error> {

@@ -18,7 +18,8 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use toka_shared::record::{Hash, LogName};
 
 use super::{
-    Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit, plan_append,
+    Appended, Error, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit,
+    plan_append,
 };
 
 const SCHEMA: &str = "
@@ -477,8 +478,30 @@ impl Wal for SqliteWal {
                 |r| r.get(0),
             )
             .map_err(io)?;
+        let complete = have == i64::from(c.chunks);
+        if complete {
+            let oldest_kept: Option<i64> = tx
+                .query_row(
+                    "SELECT s.seq FROM snapshots s WHERE s.log = ?1
+                       AND (SELECT count(*) FROM snapshot_chunks c WHERE c.log = s.log AND c.seq = s.seq) = s.chunks
+                     ORDER BY s.seq DESC LIMIT 1 OFFSET ?2",
+                    params![log.as_str(), KEEP_SNAPSHOTS as i64 - 1],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(io)?;
+            if let Some(oldest_kept) = oldest_kept {
+                for table in ["snapshot_chunks", "snapshots"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE log = ?1 AND seq < ?2"),
+                        params![log.as_str(), oldest_kept],
+                    )
+                    .map_err(io)?;
+                }
+            }
+        }
         tx.commit().map_err(io)?;
-        Ok(have == i64::from(c.chunks))
+        Ok(complete)
     }
 
     fn snapshot_chunk(

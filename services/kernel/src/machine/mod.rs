@@ -15,7 +15,9 @@
 mod error;
 mod snapshot;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
+
+use imbl::{OrdMap, OrdSet, Vector};
 
 use serde::{Deserialize, Serialize};
 use toka_shared::api::kernel::{AgentState, AgentView, ResourceUsage, TaskState, TaskView};
@@ -106,7 +108,7 @@ pub enum ReplayError {
 struct Agent {
     name: AgentName,
     parent: Option<AgentId>,
-    children: BTreeSet<AgentId>,
+    children: OrdSet<AgentId>,
     state: AgentState,
     memory_limit: Option<u64>,
     cpu_limit: Option<u64>,
@@ -116,7 +118,7 @@ struct Agent {
     io_bytes: u64,
     observations: u64,
     /// Tasks it owns that are scheduled or claimed.
-    open_tasks: BTreeSet<TaskId>,
+    open_tasks: OrdSet<TaskId>,
     spawned_seq: u64,
     spawned_at_us: u64,
 }
@@ -192,15 +194,15 @@ pub struct State {
     idempotency_window: u64,
     last_seq: u64,
     last_time_us: u64,
-    agents: BTreeMap<AgentId, Agent>,
-    tasks: BTreeMap<TaskId, Task>,
+    agents: OrdMap<AgentId, Agent>,
+    tasks: OrdMap<TaskId, Task>,
     /// Scheduled tasks whose owner is running, per queue, in claim order.
-    ready: BTreeMap<QueueName, BTreeSet<ReadyKey>>,
+    ready: OrdMap<QueueName, OrdSet<ReadyKey>>,
     /// Every running deadline, in firing order.
-    deadlines: BTreeSet<(u64, TaskId, Deadline)>,
-    recent: BTreeMap<OpId, Remembered>,
+    deadlines: OrdSet<(u64, TaskId, Deadline)>,
+    recent: OrdMap<OpId, Remembered>,
     /// `recent` in sequence order, for expiry.
-    recent_order: VecDeque<(u64, OpId)>,
+    recent_order: Vector<(u64, OpId)>,
 }
 
 impl Default for State {
@@ -210,7 +212,7 @@ impl Default for State {
 }
 
 /// The agent tree as a [`Lineage`] for capability checks.
-struct Tree<'a>(&'a BTreeMap<AgentId, Agent>);
+struct Tree<'a>(&'a OrdMap<AgentId, Agent>);
 
 impl Lineage for Tree<'_> {
     fn is_descendant(&self, agent: AgentId, ancestor: AgentId) -> bool {
@@ -233,12 +235,12 @@ impl State {
             idempotency_window,
             last_seq: 0,
             last_time_us: 0,
-            agents: BTreeMap::new(),
-            tasks: BTreeMap::new(),
-            ready: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
-            recent: BTreeMap::new(),
-            recent_order: VecDeque::new(),
+            agents: OrdMap::new(),
+            tasks: OrdMap::new(),
+            ready: OrdMap::new(),
+            deadlines: OrdSet::new(),
+            recent: OrdMap::new(),
+            recent_order: Vector::new(),
         }
     }
 
@@ -254,7 +256,7 @@ impl State {
 
     /// The earliest running deadline: the sequencer issues a tick once its clock passes it.
     pub fn next_deadline_us(&self) -> Option<u64> {
-        self.deadlines.first().map(|d| d.0)
+        self.deadlines.get_min().map(|d| d.0)
     }
 
     /// Applies `op` as the sequencer decided in `ctx`. On `Err` nothing changed.
@@ -401,7 +403,7 @@ impl State {
             Agent {
                 name: spec.name.clone(),
                 parent: spec.parent,
-                children: BTreeSet::new(),
+                children: OrdSet::new(),
                 state: AgentState::Running,
                 memory_limit: limits.memory_bytes,
                 cpu_limit: limits.cpu_millicores,
@@ -410,7 +412,7 @@ impl State {
                 cpu_millicores: 0,
                 io_bytes: 0,
                 observations: 0,
-                open_tasks: BTreeSet::new(),
+                open_tasks: OrdSet::new(),
                 spawned_seq: ctx.seq,
                 spawned_at_us: ctx.time_us,
             },
@@ -685,7 +687,7 @@ impl State {
 
     fn tick(&mut self, now: u64) -> Vec<Event> {
         let mut events = Vec::new();
-        while let Some(&(due, id, which)) = self.deadlines.first() {
+        while let Some(&(due, id, which)) = self.deadlines.get_min() {
             if due > now {
                 break;
             }

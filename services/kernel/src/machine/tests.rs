@@ -755,6 +755,26 @@ fn snapshots_restore_to_an_equal_state() {
 }
 
 #[test]
+fn a_copy_taken_for_a_snapshot_keeps_its_moment_while_the_original_goes_on() {
+    // The sequencer snapshots a copy on another thread while it keeps applying; the copy
+    // shares structure with the original, so a write to one must never show in the other.
+    let mut h = Harness::new();
+    let a = h.spawn(None);
+    for _ in 0..200 {
+        h.schedule(a, "q");
+    }
+    let copy = h.state.clone();
+    let at_copy = copy.encode().unwrap();
+    let b = h.spawn(Some(a));
+    h.schedule(b, "q");
+    h.claim("q");
+    h.ok(Operation::ReportMemory { agent: a, bytes: 5 });
+    assert_ne!(h.state, copy);
+    assert_eq!(copy.encode().unwrap(), at_copy, "the copy is what the state was");
+    assert_eq!(State::decode(&at_copy).unwrap().last_seq(), 201);
+}
+
+#[test]
 fn the_state_hash_is_pinned() {
     // A change to the state layout changes this hash: bump FORMAT_VERSION with it.
     let mut h = Harness::new();

@@ -218,19 +218,29 @@ impl KeyStore {
     /// Replaces the stored ring with `ring`, atomically and durably.
     pub fn save(&self, ring: &KeyRing) -> Result<(), Error> {
         let path = self.path();
-        let tmp = self.dir.join(format!(".keys.json.{}.tmp", std::process::id()));
+        // A name of its own for every save: replicas sharing the directory may have the same
+        // process id (each is pid 1 in its container; tests run several in one process), and a
+        // shared name let one replica's save delete or rename another's half-written file.
+        let mut nonce = [0u8; 8];
+        getrandom::getrandom(&mut nonce).map_err(|e| Error::Random(e.to_string()))?;
+        let tmp = self.dir.join(format!(".keys.json.{}.{:016x}.tmp", std::process::id(), u64::from_le_bytes(nonce)));
         let io = |p: &Path| {
             let p = p.display().to_string();
             move |e: std::io::Error| Error::Io { path: p.clone(), reason: e.to_string() }
         };
         let body = serde_json::to_vec_pretty(&ring.to_file())
             .map_err(|e| Error::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
-        let _ = std::fs::remove_file(&tmp);
         let mut file =
             std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
-        file.write_all(&body).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        let written = file
+            .write_all(&body)
+            .and_then(|()| file.sync_all())
+            .map_err(io(&tmp))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(io(&path)));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
         Ok(())
     }
@@ -263,6 +273,33 @@ mod tests {
         assert!(ring.retire(10 + HOUR_US - 1).is_empty());
         assert_eq!(ring.retire(10 + HOUR_US), vec![first.kid]);
         assert_eq!(ring.kids(), vec![second.kid]);
+    }
+
+    #[test]
+    fn replicas_saving_at_once_in_one_process_never_break_each_other() {
+        let dir = std::env::temp_dir().join(format!("toka-keys-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut ring = KeyRing::empty();
+        ring.rotate(5, HOUR_US).unwrap();
+        KeyStore::open(&dir).unwrap().save(&ring).unwrap();
+        let savers: Vec<_> = (0..4)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let store = KeyStore::open(&dir).unwrap();
+                    let ring = store.load().unwrap();
+                    (0..200).map(|_| store.save(&ring)).filter(Result::is_err).count()
+                })
+            })
+            .collect();
+        let failures: usize = savers.into_iter().map(|s| s.join().unwrap()).sum();
+        assert_eq!(failures, 0, "every save of every replica succeeds");
+        let store = KeyStore::open(&dir).unwrap();
+        assert_eq!(store.load().unwrap().jwks(6), ring.jwks(6));
+        let leftovers =
+            std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().file_name() != "keys.json").count();
+        assert_eq!(leftovers, 0, "no temporary file is left behind");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -14,7 +14,6 @@ use toka_shared::api::auth::{
     Claims, Credential, DelegateRequest, IssueRequest, JwksReply, JwksRequest, RevocationsReply, RevocationsRequest,
     RevokeReply, RevokeRequest, RotateReply, RotateRequest, TokenReply,
 };
-use toka_shared::api::storage::{ReadReply, ReadRequest};
 use toka_shared::capability::{Action, Capability, Pattern};
 use toka_shared::record::{AuditEntry, Decision, LogName};
 use toka_shared::runtime::bus::{Bus, RequestError};
@@ -122,21 +121,7 @@ impl Stack {
 
     /// The audit log as the operator reads it.
     async fn audit(&self) -> Vec<toka_shared::record::AuditRecord> {
-        let operator = self.nats.connect(Role::Operator).await;
-        let mut records = Vec::new();
-        loop {
-            let request = ReadRequest {
-                log: LogName::Audit,
-                from_seq: records.len() as u64 + 1,
-                max_records: 1_000,
-                max_bytes: 900_000,
-            };
-            let page: ReadReply<AuditEntry> = operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
-            if page.records.is_empty() {
-                return records;
-            }
-            records.extend(page.records);
-        }
+        self.nats.read_log::<AuditEntry>(LogName::Audit).await
     }
 
     /// The signing key auth keeps, as a forger who stole it would use it.

@@ -18,11 +18,14 @@ use testcontainers::runners::AsyncRunner as _;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt as _};
 use toka_shared::Envelope;
 use toka_shared::access::{self, Role, ServerSettings};
+use toka_shared::api::storage::{ReadReply, ReadRequest};
+use toka_shared::record::{LogName, Record};
 use toka_shared::runtime::bus::Bus;
 use toka_shared::runtime::cli::ShutdownSignal;
 use toka_shared::runtime::config::{AdminConfig, NatsConfig};
 use toka_shared::runtime::deploy;
-use toka_shared::schema::Registry;
+use toka_shared::schema::{Registry, ReplyContract};
+use toka_shared::subject;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The NATS image the container tests run.
@@ -144,6 +147,24 @@ impl Nats {
     /// A connection as `role`.
     pub async fn connect(&self, role: Role) -> Bus {
         Bus::connect(&self.config(role), &format!("test-{}", role.name())).await.unwrap()
+    }
+
+    /// Every record of `log`, page by page, as the operator reads it.
+    pub async fn read_log<B>(&self, log: LogName) -> Vec<Record<B>>
+    where
+        ReadReply<B>: ReplyContract,
+    {
+        let operator = self.connect(Role::Operator).await;
+        let mut records = Vec::new();
+        loop {
+            let request =
+                ReadRequest { log, from_seq: records.len() as u64 + 1, max_records: 1_000, max_bytes: 900_000 };
+            let page: ReadReply<B> = operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
+            if page.records.is_empty() {
+                return records;
+            }
+            records.extend(page.records);
+        }
     }
 }
 

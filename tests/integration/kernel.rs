@@ -13,7 +13,6 @@ use toka_shared::api::kernel::{
     SubmitBatchRequest, SubmitReply, SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskState,
     TaskView,
 };
-use toka_shared::api::storage::{ReadReply, ReadRequest};
 use toka_shared::capability::{Action, Capability, Pattern};
 use toka_shared::record::{Hash, LogName};
 use toka_shared::runtime::bus::{Bus, RequestError};
@@ -86,29 +85,11 @@ impl Stack {
     }
 
     async fn kernel_log(&self) -> Vec<toka_shared::KernelRecord> {
-        let operator = self.nats.connect(Role::Operator).await;
-        let mut records = Vec::new();
-        loop {
-            let request = ReadRequest {
-                log: LogName::Kernel,
-                from_seq: records.len() as u64 + 1,
-                max_records: 1_000,
-                max_bytes: 900_000,
-            };
-            let page: ReadReply<Operation> = operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
-            if page.records.is_empty() {
-                return records;
-            }
-            records.extend(page.records);
-        }
+        self.nats.read_log::<Operation>(LogName::Kernel).await
     }
 
     async fn audit_log(&self) -> Vec<toka_shared::AuditRecord> {
-        let operator = self.nats.connect(Role::Operator).await;
-        let request = ReadRequest { log: LogName::Audit, from_seq: 1, max_records: 1_000, max_bytes: 900_000 };
-        let page: ReadReply<toka_shared::record::AuditEntry> =
-            operator.request(subject::STORAGE_READ.subject, &request).await.unwrap();
-        page.records
+        self.nats.read_log::<toka_shared::record::AuditEntry>(LogName::Audit).await
     }
 }
 

@@ -1,4 +1,4 @@
-//! Token verification: cold (signature checked) and cached (the same token again).
+//! Token signing, and verification: cold (signature checked) and cached (the same token again).
 //!
 //! Run: `cargo bench -p toka-shared --features runtime --bench verify`
 
@@ -46,6 +46,8 @@ fn verify(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+    let claims = claims(3);
+    c.bench_function("sign", |b| b.iter(|| black_box(key.sign(black_box(&claims)).unwrap())));
     let warm = Verifier::new(&jwks, 2).unwrap();
     warm.verify(&token, NOW).unwrap();
     c.bench_function("verify/cached", |b| b.iter(|| black_box(warm.verify(&token, NOW).unwrap())));

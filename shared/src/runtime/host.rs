@@ -279,11 +279,13 @@ impl Host {
                 let begun = begin::<Req, _, _>(endpoint, &request, &*handler);
                 let shared = shared.clone();
                 shared.metrics.in_flight.inc();
-                in_flight.spawn(async move {
+                // Boxed: a handler's future can be kilobytes, and a task moves its future on
+                // every change of stage; a pointer is cheaper to move.
+                in_flight.spawn(Box::pin(async move {
                     finish::<Rep, _>(endpoint, &request, begun, &shared, max_payload).await;
                     shared.metrics.in_flight.dec();
                     drop(permit);
-                });
+                }));
                 // Reap finished handlers so the set does not grow.
                 while in_flight.try_join_next().is_some() {}
             }

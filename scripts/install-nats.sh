@@ -18,7 +18,14 @@ if [ -x .tools/venv/bin/nats-server ] && version_ok .tools/venv/bin/nats-server;
     echo "$PWD/.tools/venv/bin/nats-server"
     exit 0
 fi
-if command -v nats-server >/dev/null 2>&1 && version_ok "$(command -v nats-server)"; then
+# Only a binary: a wrapper script on the PATH (a pyenv shim, say) runs here but not in the
+# FROM-scratch image the container tests build around this file.
+is_binary() {
+    [ "$(head -c 4 "$1" 2>/dev/null | od -An -c | tr -d ' ')" = '177ELF' ]
+}
+
+if command -v nats-server >/dev/null 2>&1 && is_binary "$(command -v nats-server)" \
+    && version_ok "$(command -v nats-server)"; then
     command -v nats-server
     exit 0
 fi

@@ -275,6 +275,49 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_from_another_publisher_between_commits_loses_no_event() {
+    let Some(nats) = Nats::start().await else { return };
+    let dir = TempDir::new("publish-chain");
+    let storage = start_storage(&nats, &dir.0).await;
+    let kernel = nats.connect(Role::Kernel).await;
+    let status_bus = nats.connect(Role::Telemetry).await;
+    let published = || async {
+        status_bus.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
+            .published_seq
+    };
+    let append = subject::append(LogName::Kernel).subject;
+    let first = records_after((0, Hash::ZERO), 3);
+    let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
+    crate::assert_eventually!(Duration::from_secs(10), published().await == 3, "the first batch published");
+
+    // Storage chains each commit's events after the stream's last message, which it believes
+    // is its own; another message lands in between, so the next chain is refused.
+    let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
+    let foreign = async_nats::jetstream::message::PublishMessage::build().payload("{}".into()).message_id("foreign:1");
+    js.send_publish("toka.evt.kernel.agent.spawned.x", foreign).await.unwrap().await.unwrap();
+    let second = records_after((3, first[2].hash), 3);
+    let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
+    crate::assert_eventually!(Duration::from_secs(10), published().await == 6, "the second batch published");
+    // And chaining resumes after that.
+    let third = records_after((6, second[2].hash), 3);
+    let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
+    crate::assert_eventually!(Duration::from_secs(10), published().await == 9, "the third batch published");
+
+    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
+    let count = stream.info().await.unwrap().state.messages;
+    let mut ids = Vec::new();
+    for sequence in 1..=count {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        ids.push(message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default());
+    }
+    let mut expected: Vec<String> = (1..=3).map(|seq| format!("kernel:{seq}.0")).collect();
+    expected.push("foreign:1".into());
+    expected.extend((4..=9).map(|seq| format!("kernel:{seq}.0")));
+    assert_eq!(ids, expected, "every event once, in commit order");
+    storage.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_appends_commit_in_the_order_they_were_sent() {
     let Some(nats) = Nats::start().await else { return };
     let dir = TempDir::new("pipeline");

@@ -13,7 +13,7 @@ use toka_shared::api::storage::{
     VerifyReply, VerifyRequest,
 };
 use toka_shared::record::{Hash, LogName, Record};
-use toka_shared::runtime::bus::RequestError;
+use toka_shared::runtime::bus::{Bus, RequestError};
 use toka_shared::subject::{self, service};
 use toka_shared::wire::ErrorCode;
 use toka_shared::{AgentId, Event, KernelRecord, OpId, Operation};
@@ -44,6 +44,23 @@ fn records_after(after: (u64, Hash), n: u64) -> Vec<KernelRecord> {
             r
         })
         .collect()
+}
+
+/// The kernel log's `published_seq`, as storage's status gives it to `bus`.
+async fn published(bus: &Bus) -> u64 {
+    let status: StatusReply = bus.request(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap();
+    status.logs[0].published_seq
+}
+
+/// Each message's `Nats-Msg-Id` in the events stream, in stream order.
+async fn stream_ids(stream: &mut async_nats::jetstream::stream::Stream) -> Vec<String> {
+    let count = stream.info().await.unwrap().state.messages;
+    let mut ids = Vec::new();
+    for sequence in 1..=count {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        ids.push(message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default());
+    }
+    ids
 }
 
 pub(crate) async fn start_storage(nats: &Nats, dir: &Path) -> Running {
@@ -159,13 +176,7 @@ async fn appends_are_durable_idempotent_and_published() {
     assert_eq!((chunk.seq, chunk.chunks, chunk.data.as_str()), (3, 2, "c25hcHNob3Q="));
 
     // The progress marker follows the acknowledgements of the stream, a moment after them.
-    crate::assert_eventually!(
-        Duration::from_secs(10),
-        telemetry.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
-            .published_seq
-            == 3,
-        "published through 3"
-    );
+    crate::assert_eventually!(Duration::from_secs(10), published(&telemetry).await == 3, "published through 3");
     let status: StatusReply = telemetry.request(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap();
     assert_eq!(status.backend, "sqlite");
     let kernel_log = status.logs.iter().find(|l| l.log == LogName::Kernel).unwrap();
@@ -185,9 +196,7 @@ async fn events_committed_but_not_published_are_published_on_start() {
     let observer = nats.connect(Role::Telemetry).await;
     crate::assert_eventually!(
         Duration::from_secs(10),
-        observer.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
-            .published_seq
-            == 2,
+        published(&observer).await == 2,
         "the first two records published"
     );
     storage.stop().await.unwrap();
@@ -221,13 +230,7 @@ async fn events_committed_but_not_published_are_published_on_start() {
     }
     let storage = start_storage(&nats, &dir.0).await;
     let status_bus = nats.connect(Role::Telemetry).await;
-    crate::assert_eventually!(
-        Duration::from_secs(10),
-        status_bus.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
-            .published_seq
-            == 5,
-        "republished through seq 5"
-    );
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 5, "republished through seq 5");
     assert_eq!(stream.info().await.unwrap().state.messages, 5, "duplicates dropped by the stream");
     storage.stop().await.unwrap();
 }
@@ -239,14 +242,10 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
     let storage = start_storage(&nats, &dir.0).await;
     let kernel = nats.connect(Role::Kernel).await;
     let status_bus = nats.connect(Role::Telemetry).await;
-    let published = || async {
-        status_bus.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
-            .published_seq
-    };
     let append = subject::append(LogName::Kernel).subject;
     let first = records_after((0, Hash::ZERO), 2);
     let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published().await == 2, "the first batch published");
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 2, "the first batch published");
 
     // The stream goes away: the next commit's events cannot be published from memory.
     let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
@@ -254,23 +253,21 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
     let second = records_after((2, first[1].hash), 3);
     let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(published().await, 2, "nothing is marked published that was not");
+    assert_eq!(published(&status_bus).await, 2, "nothing is marked published that was not");
 
     // Once the stream is back, the missed commit is read from the WAL and published, with the
     // one after it.
     toka_storage::publish::ensure_stream(&js).await.unwrap();
     let third = records_after((5, second[2].hash), 1);
     let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published().await == 6, "published through seq 6");
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "published through seq 6");
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 4, "the events of seq 3 to 6, each once");
-    let mut ids = Vec::new();
-    for sequence in 1..=4 {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        let envelope: toka_shared::envelope::Envelope = serde_json::from_slice(&message.payload).unwrap();
-        ids.push(envelope.id);
-    }
-    assert_eq!(ids, ["kernel:3.0", "kernel:4.0", "kernel:5.0", "kernel:6.0"], "in commit order");
+    let ids = stream_ids(&mut stream).await;
+    assert_eq!(
+        ids,
+        ["kernel:3.0", "kernel:4.0", "kernel:5.0", "kernel:6.0"],
+        "the events of seq 3 to 6, each once, in order"
+    );
     storage.stop().await.unwrap();
 }
 
@@ -281,14 +278,10 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     let storage = start_storage(&nats, &dir.0).await;
     let kernel = nats.connect(Role::Kernel).await;
     let status_bus = nats.connect(Role::Telemetry).await;
-    let published = || async {
-        status_bus.request::<_, StatusReply>(subject::STORAGE_STATUS.subject, &StatusRequest {}).await.unwrap().logs[0]
-            .published_seq
-    };
     let append = subject::append(LogName::Kernel).subject;
     let first = records_after((0, Hash::ZERO), 3);
     let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published().await == 3, "the first batch published");
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 3, "the first batch published");
 
     // Storage chains each commit's events after the stream's last message, which it believes
     // is its own; another message lands in between, so the next chain is refused.
@@ -297,19 +290,14 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     js.send_publish("toka.evt.kernel.agent.spawned.x", foreign).await.unwrap().await.unwrap();
     let second = records_after((3, first[2].hash), 3);
     let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published().await == 6, "the second batch published");
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "the second batch published");
     // And chaining resumes after that.
     let third = records_after((6, second[2].hash), 3);
     let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published().await == 9, "the third batch published");
+    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 9, "the third batch published");
 
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
-    let count = stream.info().await.unwrap().state.messages;
-    let mut ids = Vec::new();
-    for sequence in 1..=count {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        ids.push(message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default());
-    }
+    let ids = stream_ids(&mut stream).await;
     let mut expected: Vec<String> = (1..=3).map(|seq| format!("kernel:{seq}.0")).collect();
     expected.push("foreign:1".into());
     expected.extend((4..=9).map(|seq| format!("kernel:{seq}.0")));

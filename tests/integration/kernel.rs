@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
 use toka_shared::access::Role;
 use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
 use toka_shared::api::kernel::{
@@ -377,6 +378,10 @@ async fn a_standby_takes_over_with_the_state_hash_of_the_log() {
             .is_ok_and(|s| s.seq >= 50),
         "a snapshot was stored"
     );
+    let stored: toka_shared::api::storage::SnapshotGetReply =
+        kernel_bus.request(subject::STORAGE_SNAPSHOT_GET.subject, &snapshot).await.unwrap();
+    let stored = base64::engine::general_purpose::STANDARD.decode(&stored.data).unwrap();
+    assert_eq!(stored[..4], [0x28, 0xb5, 0x2f, 0xfd], "stored as a zstd frame");
 
     active.stop().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), standby_hash.wait_for(|h| h.0 == at_stop.0)).await.unwrap().unwrap();

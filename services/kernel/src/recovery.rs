@@ -2,6 +2,14 @@
 //! every record after it replayed through the state machine, each one's hash and link checked
 //! and its events compared with what replay produces. Used at start-up and whenever an append
 //! fails, so the state never drifts from what is durable. Also the periodic snapshot upload.
+//!
+//! A snapshot is stored compressed with zstd (level 1): the state's encoding holds the
+//! idempotency window's operations and events as JSON, and shrinks about twentyfold. Its
+//! `state_hash` stays the hash of the encoding itself, so the hash does not depend on the
+//! compressor. A stored snapshot that does not start with zstd's magic (one written before
+//! compression) is read as it is.
+
+use std::io::Read as _;
 
 use base64::Engine as _;
 use toka_shared::api::storage::{
@@ -17,6 +25,13 @@ use crate::machine::{self, State};
 
 /// The largest snapshot chunk, base64, kept well under NATS's payload limit.
 const CHUNK_BYTES: usize = 600_000;
+
+/// zstd's frame magic, which a compressed snapshot starts with (an encoded state starts with
+/// `TOKAKSTATE`).
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The most a stored snapshot may expand to: a damaged or hostile frame cannot exhaust memory.
+const MAX_STATE_BYTES: u64 = 16 << 30;
 
 /// Why the state could not be rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +81,8 @@ async fn load_snapshot(bus: &Bus) -> Result<Option<State>, Error> {
         chunks.push(data);
         let (_, hash, total) = *expected.get_or_insert((reply.seq, reply.state_hash, reply.chunks));
         if chunks.len() as u32 >= total {
-            let encoded = chunks.concat();
+            let encoded =
+                unpack(chunks.concat()).map_err(|e| Error::Corrupt(format!("snapshot at {}: {e}", reply.seq)))?;
             if machine::hash_encoded(&encoded) != hash {
                 return Err(Error::Corrupt(format!("snapshot at {} does not match its hash", reply.seq)));
             }
@@ -120,10 +136,35 @@ pub async fn recover(bus: &Bus, idempotency_window: u64) -> Result<Recovered, Er
     Ok(Recovered { state, head_hash: head.hash, snapshot_seq, replayed })
 }
 
-/// Uploads `encoded` (the state after `seq`) in chunks.
-pub async fn put_snapshot(bus: &Bus, seq: u64, encoded: &[u8]) -> Result<(), WireError> {
-    let state_hash = machine::hash_encoded(encoded);
-    let text = base64::engine::general_purpose::STANDARD.encode(encoded);
+/// What is stored for a state's `encoded` form: the zstd frame of it, at level 1.
+pub fn pack(encoded: &[u8]) -> std::io::Result<Vec<u8>> {
+    zstd::bulk::compress(encoded, 1)
+}
+
+/// The encoded state in a stored snapshot: decompressed if it is a zstd frame, as it is if it
+/// is not (a snapshot stored before compression).
+pub fn unpack(stored: Vec<u8>) -> Result<Vec<u8>, String> {
+    unpack_at_most(stored, MAX_STATE_BYTES)
+}
+
+fn unpack_at_most(stored: Vec<u8>, max: u64) -> Result<Vec<u8>, String> {
+    if !stored.starts_with(&ZSTD_MAGIC) {
+        return Ok(stored);
+    }
+    let mut encoded = Vec::new();
+    zstd::stream::read::Decoder::new(stored.as_slice())
+        .and_then(|d| d.take(max + 1).read_to_end(&mut encoded))
+        .map_err(|e| format!("does not decompress: {e}"))?;
+    if encoded.len() as u64 > max {
+        return Err(format!("expands beyond {max} bytes"));
+    }
+    Ok(encoded)
+}
+
+/// Uploads `stored` (what [`pack`] made of the state after `seq`, whose encoding hashes to
+/// `state_hash`) in chunks.
+pub async fn put_snapshot(bus: &Bus, seq: u64, state_hash: Hash, stored: &[u8]) -> Result<(), WireError> {
+    let text = base64::engine::general_purpose::STANDARD.encode(stored);
     let pieces: Vec<&str> =
         text.as_bytes().chunks(CHUNK_BYTES).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
     let chunks = pieces.len().max(1) as u32;
@@ -140,4 +181,74 @@ pub async fn put_snapshot(bus: &Bus, seq: u64, encoded: &[u8]) -> Result<(), Wir
             bus.request(subject::STORAGE_SNAPSHOT_PUT.subject, &request).await.map_err(|e| e.to_wire())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use toka_shared::spec::AgentSpec;
+    use toka_shared::{AgentId, OpId};
+
+    use super::*;
+    use crate::machine::{Authority, Ctx};
+
+    /// A state after `n` operations: a root agent and observations on it, each remembered
+    /// with its operation and events for idempotent retries, as under load.
+    fn state_after(n: u64) -> State {
+        let operator: toka_shared::spec::Principal = "operator".parse().unwrap();
+        let mut state = State::new(1_000);
+        let mut root = None;
+        for seq in 1..=n {
+            let op = match root {
+                None => Operation::SpawnAgent(AgentSpec {
+                    name: "root".parse().unwrap(),
+                    parent: None,
+                    limits: Default::default(),
+                }),
+                Some(agent) => Operation::EmitObservation {
+                    agent,
+                    kind: "load.tick".parse().unwrap(),
+                    body: format!("observation {seq} of the run"),
+                },
+            };
+            let ctx = Ctx {
+                seq,
+                time_us: 1_000_000 + seq,
+                op_id: OpId::mint(1_000_000 + seq, seq, 1),
+                principal: &operator,
+                authority: Authority::Replay,
+            };
+            state.apply(&op, &ctx).unwrap();
+            root = root.or(Some(AgentId::mint(1_000_001, 1, 0)));
+        }
+        state
+    }
+
+    #[test]
+    fn a_packed_snapshot_unpacks_to_its_encoding_and_is_much_smaller() {
+        let encoded = state_after(500).encode().unwrap();
+        let stored = pack(&encoded).unwrap();
+        assert!(stored.starts_with(&ZSTD_MAGIC));
+        assert!(stored.len() * 5 < encoded.len(), "{} bytes stored for {} encoded", stored.len(), encoded.len());
+        let unpacked = unpack(stored).unwrap();
+        assert_eq!(unpacked, encoded);
+        assert_eq!(State::decode(&unpacked).unwrap(), state_after(500));
+    }
+
+    #[test]
+    fn a_snapshot_stored_before_compression_is_read_as_it_is() {
+        let encoded = state_after(20).encode().unwrap();
+        assert_eq!(unpack(encoded.clone()).unwrap(), encoded);
+    }
+
+    #[test]
+    fn a_damaged_or_oversized_snapshot_is_refused() {
+        let encoded = state_after(200).encode().unwrap();
+        let stored = pack(&encoded).unwrap();
+        let mut damaged = stored.clone();
+        damaged.truncate(stored.len() / 2);
+        assert!(unpack(damaged).unwrap_err().contains("does not decompress"));
+        let bound = encoded.len() as u64 - 1;
+        assert_eq!(unpack_at_most(stored.clone(), bound).unwrap_err(), format!("expands beyond {bound} bytes"));
+        assert_eq!(unpack_at_most(stored, encoded.len() as u64).unwrap(), encoded);
+    }
 }

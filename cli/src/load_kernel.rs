@@ -4,12 +4,14 @@
 //! time (the next sent when the reply arrives), for `--warmup` seconds unmeasured then
 //! `--duration` seconds measured. Each reply means the operation was verified, sequenced,
 //! applied and made durable by storage. The operations follow `--mix` (weights of `spawn`,
-//! `schedule`, `report`, `observe`) on agents made at the start under one root.
+//! `schedule`, `report`, `observe`) on agents made at the start under one root. Latency is
+//! reported for all operations and, when the mix has more than one, for each kind.
 //!
 //! `nats`: the same clients and timing against a plain NATS request/reply echo served in this
 //! process, with a payload of the same size: what the bus alone costs on the same machine.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -91,13 +93,46 @@ struct Outcome<C: Serialize> {
     seconds: f64,
     requests_per_second: f64,
     latency_us: BTreeMap<&'static str, u64>,
+    /// Each kind of request's count and latency, when there is more than one kind.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    by_kind: BTreeMap<&'static str, KindOutcome>,
 }
 
-/// What one request did.
-type Sent = Result<(), String>;
+#[derive(Debug, Serialize)]
+struct KindOutcome {
+    requests: u64,
+    latency_us: BTreeMap<&'static str, u64>,
+}
+
+/// What one request did: acknowledged, and of which kind (for the latency by kind), or why
+/// not.
+type Sent = Result<&'static str, String>;
+
+/// Latency histograms, microseconds, by kind of request.
+type Histograms = BTreeMap<&'static str, Histogram<u64>>;
+
+/// A latency histogram: 1 µs to 60 s at 3 significant digits.
+fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+    Histogram::new_with_bounds(1, 60_000_000, 3)
+}
+
+/// p50, p95, p99, p99.9 and max of `h`.
+fn percentiles(h: &Histogram<u64>) -> BTreeMap<&'static str, u64> {
+    BTreeMap::from([
+        ("p50", h.value_at_quantile(0.50)),
+        ("p95", h.value_at_quantile(0.95)),
+        ("p99", h.value_at_quantile(0.99)),
+        ("p99.9", h.value_at_quantile(0.999)),
+        ("max", h.max()),
+    ])
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1e3
+}
 
 /// Runs `clients` closed loops of `request(client, i)`; warm-up, then the measured window.
-async fn drive<F, Fut>(clients: &Clients, what: &str, request: F) -> anyhow::Result<(u64, u64, f64, Histogram<u64>)>
+async fn drive<F, Fut>(clients: &Clients, what: &str, request: F) -> anyhow::Result<(u64, u64, f64, Histograms)>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Sent> + Send,
@@ -113,7 +148,7 @@ where
         let (request, measuring, stopping, count, errors, first_error) =
             (request.clone(), measuring.clone(), stopping.clone(), count.clone(), errors.clone(), first_error.clone());
         tasks.spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+            let mut histograms = Histograms::new();
             let mut i = 0u64;
             while !stopping.load(Ordering::Relaxed) {
                 let started = Instant::now();
@@ -121,13 +156,18 @@ where
                 i += 1;
                 let measured = measuring.load(Ordering::Relaxed);
                 match result {
-                    Ok(()) if measured => {
+                    Ok(kind) if measured => {
                         count.fetch_add(1, Ordering::Relaxed);
-                        if let Some(h) = histogram.as_mut() {
-                            let _ = h.record(started.elapsed().as_micros().max(1) as u64);
-                        }
+                        let h = match histograms.entry(kind) {
+                            Entry::Occupied(h) => h.into_mut(),
+                            Entry::Vacant(slot) => match histogram() {
+                                Ok(h) => slot.insert(h),
+                                Err(_) => continue,
+                            },
+                        };
+                        let _ = h.record(started.elapsed().as_micros().max(1) as u64);
                     }
-                    Ok(()) => {}
+                    Ok(_) => {}
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut first) = first_error.lock() {
@@ -136,7 +176,7 @@ where
                     }
                 }
             }
-            histogram
+            histograms
         });
     }
     tokio::time::sleep(Duration::from_secs(clients.warmup)).await;
@@ -155,47 +195,66 @@ where
     measuring.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
     stopping.store(true, Ordering::Relaxed);
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut histograms = Histograms::new();
     while let Some(joined) = tasks.join_next().await {
-        if let Some(h) = joined? {
-            histogram.add(h)?;
+        for (kind, h) in joined? {
+            match histograms.entry(kind) {
+                Entry::Occupied(mut all) => all.get_mut().add(h)?,
+                Entry::Vacant(slot) => {
+                    slot.insert(h);
+                }
+            }
         }
     }
     if let Some(e) = first_error.lock().ok().and_then(|f| f.clone()) {
         eprintln!("first error: {e}");
     }
-    Ok((count.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), seconds, histogram))
+    Ok((count.load(Ordering::Relaxed), errors.load(Ordering::Relaxed), seconds, histograms))
 }
 
 fn report<C: Serialize + std::fmt::Debug>(
     config: C,
     label: &str,
-    (requests, errors, seconds, histogram): (u64, u64, f64, Histogram<u64>),
+    (requests, errors, seconds, histograms): (u64, u64, f64, Histograms),
     json: bool,
 ) -> anyhow::Result<()> {
-    let q = |p: f64| histogram.value_at_quantile(p);
-    let latency_us = BTreeMap::from([
-        ("p50", q(0.50)),
-        ("p95", q(0.95)),
-        ("p99", q(0.99)),
-        ("p99.9", q(0.999)),
-        ("max", histogram.max()),
-    ]);
-    let outcome =
-        Outcome { config, requests, errors, seconds, requests_per_second: requests as f64 / seconds, latency_us };
+    let mut all = histogram()?;
+    for h in histograms.values() {
+        all.add(h)?;
+    }
+    let by_kind: BTreeMap<&'static str, KindOutcome> = if histograms.len() > 1 {
+        histograms.iter().map(|(k, h)| (*k, KindOutcome { requests: h.len(), latency_us: percentiles(h) })).collect()
+    } else {
+        BTreeMap::new()
+    };
+    let outcome = Outcome {
+        config,
+        requests,
+        errors,
+        seconds,
+        requests_per_second: requests as f64 / seconds,
+        latency_us: percentiles(&all),
+        by_kind,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&outcome)?);
-    } else {
-        println!("{label}: {requests} in {seconds:.2} s, {errors} errors");
-        println!("  throughput: {:.0}/s", outcome.requests_per_second);
-        println!(
-            "  latency: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
-            q(0.50) as f64 / 1e3,
-            q(0.95) as f64 / 1e3,
-            q(0.99) as f64 / 1e3,
-            q(0.999) as f64 / 1e3,
-            histogram.max() as f64 / 1e3
-        );
+        return Ok(());
+    }
+    println!("{label}: {requests} in {seconds:.2} s, {errors} errors");
+    println!("  throughput: {:.0}/s", outcome.requests_per_second);
+    let line = |l: &BTreeMap<&'static str, u64>| {
+        format!(
+            "p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+            ms(l["p50"]),
+            ms(l["p95"]),
+            ms(l["p99"]),
+            ms(l["p99.9"]),
+            ms(l["max"])
+        )
+    };
+    println!("  latency: {}", line(&outcome.latency_us));
+    for (kind, k) in &outcome.by_kind {
+        println!("    {kind:<9} {:>8}: {}", k.requests, line(&k.latency_us));
     }
     Ok(())
 }
@@ -280,26 +339,35 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
     );
     let mix = Arc::new(mix);
     let queue: toka_shared::spec::QueueName = "load".parse()?;
-    let kind: toka_shared::spec::ObservationKind = "load.tick".parse()?;
+    let observation: toka_shared::spec::ObservationKind = "load.tick".parse()?;
     let name: toka_shared::spec::AgentName = "load-agent".parse()?;
     let (client_bus, request_token) = (bus.clone(), token.clone());
     let result = drive(&load.clients, "operations", move |client, i| {
-        let op = match pick(&mix, i.wrapping_mul(7).wrapping_add(client as u64)) {
-            "spawn" => {
-                Operation::SpawnAgent(AgentSpec { name: name.clone(), parent: Some(root), limits: Default::default() })
-            }
-            "schedule" => Operation::ScheduleTask(TaskSpec {
-                agent: root,
-                queue: queue.clone(),
-                payload: "x".repeat(120),
-                priority: 5,
-                timeouts: Default::default(),
-                retry: Default::default(),
-            }),
-            "report" => Operation::ReportMemory { agent: root, bytes: 1_000_000 + i },
-            _ => {
-                Operation::EmitObservation { agent: root, kind: kind.clone(), body: format!("client {client} op {i}") }
-            }
+        let (kind, op) = match pick(&mix, i.wrapping_mul(7).wrapping_add(client as u64)) {
+            "spawn" => (
+                "spawn",
+                Operation::SpawnAgent(AgentSpec { name: name.clone(), parent: Some(root), limits: Default::default() }),
+            ),
+            "schedule" => (
+                "schedule",
+                Operation::ScheduleTask(TaskSpec {
+                    agent: root,
+                    queue: queue.clone(),
+                    payload: "x".repeat(120),
+                    priority: 5,
+                    timeouts: Default::default(),
+                    retry: Default::default(),
+                }),
+            ),
+            "report" => ("report", Operation::ReportMemory { agent: root, bytes: 1_000_000 + i }),
+            _ => (
+                "observe",
+                Operation::EmitObservation {
+                    agent: root,
+                    kind: observation.clone(),
+                    body: format!("client {client} op {i}"),
+                },
+            ),
         };
         let request = SubmitRequest { op_id: op_id(), token: (*request_token).clone(), op };
         let body = serde_json::to_vec(&request).map(bytes::Bytes::from);
@@ -311,7 +379,7 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
             let message = client.request(subject::KERNEL_SUBMIT.subject, body.map_err(|e| e.to_string())?).await;
             let message = message.map_err(|e| e.to_string())?;
             match message.headers.as_ref().and_then(|h| h.get(ERROR_HEADER)) {
-                None => Ok(()),
+                None => Ok(kind),
                 Some(error) => Err(format!("{error}: {}", String::from_utf8_lossy(&message.payload))),
             }
         }
@@ -349,7 +417,7 @@ pub(crate) async fn nats(load: NatsLoad) -> anyhow::Result<()> {
     let client = bus.client().clone();
     let result = drive(&load.clients, "requests", move |_, _| {
         let (client, subject, payload) = (client.clone(), echo_subject.clone(), payload.clone());
-        async move { client.request(subject, payload).await.map(|_| ()).map_err(|e| e.to_string()) }
+        async move { client.request(subject, payload).await.map(|_| "echo").map_err(|e| e.to_string()) }
     })
     .await?;
     report(load.clone(), "plain NATS request/reply", result, load.clients.json)

@@ -6,7 +6,8 @@
 //! - `toka ping`: which Toka services answer the NATS services API's `$SRV.PING`.
 //! - `toka token issue`: a token from auth, asked for with the deployment's admin key.
 //! - `toka load storage`: durable appends through NATS, with throughput and latency percentiles.
-//! - `toka load kernel`: durable operations through the kernel, closed-loop clients, percentiles;
+//! - `toka load kernel`: durable operations through the kernel, closed-loop clients, percentiles
+//!   overall and by kind of operation;
 //!   `toka load nats`: the same against a plain NATS echo, the baseline.
 
 mod load;
@@ -87,7 +88,8 @@ enum Load {
     /// writing, e.g. `make run` with the kernel stopped, or a fresh storage).
     Storage(load::StorageLoad),
     /// Durable operations through the kernel: closed-loop clients submitting a mix of
-    /// operations (verified, sequenced, applied, stored) against a running stack.
+    /// operations (verified, sequenced, applied, stored) against a running stack; latency
+    /// percentiles overall and for each kind of operation.
     Kernel(load_kernel::KernelLoad),
     /// The baseline: plain NATS request/reply to an echo in this process, same clients and
     /// timing, against a plain server (e.g. `nats-server -p 4333`).

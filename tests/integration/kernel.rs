@@ -612,3 +612,36 @@ async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reports_durable_operations_by_kind_as_json() {
+    let Some(stack) = Stack::start("kernel-load").await else { return };
+    let (_kernel, hashes) = start_kernel(&stack.nats, "k").await;
+    let seed = stack.nats.config(Role::Client).nkey_seed_file.unwrap();
+    let output = tokio::process::Command::new(crate::binaries::binary("toka"))
+        .args(["load", "kernel", "--nats-url", &stack.nats.url, "--creds"])
+        .arg(&seed)
+        .arg("--admin-key-file")
+        .arg(stack.dir.0.join("admin.key"))
+        .args(["--concurrency", "4", "--duration", "2", "--warmup", "0", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("config: 4 clients, 0 s warm-up + 2 s measured"), "{stderr}");
+    assert!(stderr.contains("operations acknowledged"), "progress while it runs: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let requests = report["requests"].as_u64().unwrap();
+    assert!(requests > 0 && report["errors"] == 0, "{report}");
+    for p in ["p50", "p95", "p99", "p99.9", "max"] {
+        assert!(report["latency_us"][p].as_u64().unwrap() > 0, "{p} in {report}");
+    }
+    let kinds = report["by_kind"].as_object().unwrap();
+    assert_eq!(kinds.keys().collect::<Vec<_>>(), ["observe", "report", "schedule", "spawn"]);
+    let counted: u64 = kinds.values().map(|k| k["requests"].as_u64().unwrap()).sum();
+    assert_eq!(counted, requests, "every measured operation in one kind");
+    // Each acknowledged operation is in the durable log: the root, then the measured ones
+    // and those sent while the run was stopping.
+    assert_eventually!(Duration::from_secs(5), hashes.borrow().0 > requests, "every measured operation durable");
+}

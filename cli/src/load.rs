@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use toka_shared::api::storage::{AppendReply, AppendRequest, HeadReply, HeadRequest};
 use toka_shared::record::{LogName, Record};
@@ -124,7 +123,7 @@ pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
     let mut replies = client.subscribe(format!("{prefix}.*")).await?;
     let subject = subject::append(LogName::Kernel).subject;
     let mut sent_at = vec![None; payloads.len()];
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut histogram = crate::load_kernel::histogram()?;
     let (mut next, mut done, mut outstanding) = (0usize, 0usize, 0usize);
     let mut started = Instant::now();
     let mut last_progress = Instant::now();
@@ -162,14 +161,7 @@ pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
     let seconds = started.elapsed().as_secs_f64();
     let appends = (payloads.len() - warmup_appends) as u64;
     let measured = load.records;
-    let q = |p: f64| histogram.value_at_quantile(p);
-    let latency_us = BTreeMap::from([
-        ("p50", q(0.50)),
-        ("p95", q(0.95)),
-        ("p99", q(0.99)),
-        ("p99.9", q(0.999)),
-        ("max", histogram.max()),
-    ]);
+    let latency_us = crate::load_kernel::percentiles(&histogram);
     let outcome = Outcome {
         config: load.clone(),
         records: measured,
@@ -190,13 +182,10 @@ pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
             "  throughput: {:.0} records/s durable ({:.0} appends/s)",
             outcome.records_per_second, outcome.appends_per_second
         );
+        let l = &outcome.latency_us;
         println!(
             "  append latency: p50 {} µs, p95 {} µs, p99 {} µs, p99.9 {} µs, max {} µs",
-            q(0.50),
-            q(0.95),
-            q(0.99),
-            q(0.999),
-            histogram.max()
+            l["p50"], l["p95"], l["p99"], l["p99.9"], l["max"]
         );
     }
     Ok(())

@@ -112,12 +112,12 @@ type Sent = Result<&'static str, String>;
 type Histograms = BTreeMap<&'static str, Histogram<u64>>;
 
 /// A latency histogram: 1 µs to 60 s at 3 significant digits.
-fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
+pub(crate) fn histogram() -> Result<Histogram<u64>, hdrhistogram::CreationError> {
     Histogram::new_with_bounds(1, 60_000_000, 3)
 }
 
 /// p50, p95, p99, p99.9 and max of `h`.
-fn percentiles(h: &Histogram<u64>) -> BTreeMap<&'static str, u64> {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> BTreeMap<&'static str, u64> {
     BTreeMap::from([
         ("p50", h.value_at_quantile(0.50)),
         ("p95", h.value_at_quantile(0.95)),

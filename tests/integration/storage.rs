@@ -279,29 +279,49 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     let kernel = nats.connect(Role::Kernel).await;
     let status_bus = nats.connect(Role::Telemetry).await;
     let append = subject::append(LogName::Kernel).subject;
-    let first = records_after((0, Hash::ZERO), 3);
-    let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 3, "the first batch published");
-
-    // Storage chains each commit's events after the stream's last message, which it believes
-    // is its own; another message lands in between, so the next chain is refused.
+    let mut head = (0, Hash::ZERO);
+    let mut commit = |n: u64| {
+        let batch = records_after(head, n);
+        head = (head.0 + n, batch[batch.len() - 1].hash);
+        let (kernel, status_bus, through) = (kernel.clone(), status_bus.clone(), head.0);
+        async move {
+            let _: AppendReply = kernel.request(append, &append_request(&batch)).await.unwrap();
+            crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == through, "published");
+        }
+    };
+    // The first commit's events are acknowledged one by one (nothing to chain after yet);
+    // the second's are chained after the first's last event.
+    commit(3).await;
+    commit(3).await;
+    // Another message lands in the stream, so the next chain is refused: those events are
+    // sent again, each acknowledged, and so are the next commits' for a while.
     let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
     let foreign = async_nats::jetstream::message::PublishMessage::build().payload("{}".into()).message_id("foreign:1");
     js.send_publish("toka.evt.kernel.agent.spawned.x", foreign).await.unwrap().await.unwrap();
-    let second = records_after((3, first[2].hash), 3);
-    let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "the second batch published");
-    // And chaining resumes after that.
-    let third = records_after((6, second[2].hash), 3);
-    let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
-    crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 9, "the third batch published");
+    commit(3).await;
+    for _ in 0..64 {
+        commit(1).await;
+    }
+    // Then chaining resumes.
+    commit(2).await;
 
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
     let ids = stream_ids(&mut stream).await;
-    let mut expected: Vec<String> = (1..=3).map(|seq| format!("kernel:{seq}.0")).collect();
+    let mut expected: Vec<String> = (1..=6).map(|seq| format!("kernel:{seq}.0")).collect();
     expected.push("foreign:1".into());
-    expected.extend((4..=9).map(|seq| format!("kernel:{seq}.0")));
+    expected.extend((7..=75).map(|seq| format!("kernel:{seq}.0")));
     assert_eq!(ids, expected, "every event once, in commit order");
+    let mut chained = Vec::new();
+    for sequence in 1..=ids.len() as u64 {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        if let Some(previous) = message.headers.get("Nats-Expected-Last-Msg-Id") {
+            chained.push((ids[sequence as usize - 1].clone(), previous.to_string()));
+        }
+    }
+    let pairs = |seqs: &[u64]| -> Vec<(String, String)> {
+        seqs.iter().map(|s| (format!("kernel:{s}.0"), format!("kernel:{}.0", s - 1))).collect()
+    };
+    assert_eq!(chained, [pairs(&[4, 5, 6]), pairs(&[74, 75])].concat(), "which events went as a chain");
     storage.stop().await.unwrap();
 }
 

@@ -142,7 +142,14 @@ struct Progress {
     /// The id of the stream's last message, when this publisher sent it; what the next chain
     /// continues from.
     last_id: Option<String>,
+    /// Sends left to acknowledge one by one before chaining again, after a refused chain:
+    /// where another publisher writes to the stream as well, chains keep being refused, and
+    /// each refusal costs a second sending.
+    unchained: u32,
 }
+
+/// How many sends go unchained after a chain was refused.
+const UNCHAINED_AFTER_REFUSAL: u32 = 64;
 
 impl Progress {
     /// Publishes `messages`, as a chain after the stream's last message when that is known to
@@ -150,13 +157,19 @@ impl Progress {
     /// what the chain did store are dropped by their ids.
     async fn send(&mut self, messages: Vec<Message>) -> Result<(), String> {
         let Some(last_id) = messages.last().map(|m| m.id.clone()) else { return Ok(()) };
-        if let Some(previous) = self.last_id.take() {
+        let previous = self.last_id.take();
+        if self.unchained > 0 {
+            self.unchained -= 1;
+        } else if let Some(previous) = previous {
             match send_chained(&self.js, &previous, &messages).await {
                 Ok(()) => {
                     self.last_id = Some(last_id);
                     return Ok(());
                 }
-                Err(e) => tracing::debug!(error = %e, "chained publish refused; publishing each acknowledged"),
+                Err(e) => {
+                    self.unchained = UNCHAINED_AFTER_REFUSAL;
+                    tracing::debug!(error = %e, "chained publish refused; publishing each acknowledged for a while");
+                }
             }
         }
         if send_acked(&self.js, messages).await? {
@@ -236,7 +249,7 @@ pub async fn run(js: jetstream::Context, wal: WalHandle, mut stop: watch::Receiv
         tracing::error!("a second publisher was started; this one stops");
         return;
     };
-    let mut progress = Progress { js, wal, published: BTreeMap::new(), last_id: None };
+    let mut progress = Progress { js, wal, published: BTreeMap::new(), last_id: None, unchained: 0 };
     let mut catch_up = true;
     loop {
         if catch_up {

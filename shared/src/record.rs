@@ -288,6 +288,35 @@ pub fn canonical_json(value: &Value) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// The hash of a record received as a JSON document: the canonical form of its members but
+/// `hash`. For a record serialized from a [`Record`] this is [`Record::compute_hash`], without
+/// decoding the document into one and encoding it again; it covers exactly the document
+/// received, which is what storage keeps. `None` if `record` is not an object.
+pub fn document_hash(record: &Value) -> Result<Option<Hash>, Error> {
+    let Value::Object(members) = record else { return Ok(None) };
+    let mut out = Vec::with_capacity(512);
+    write_object(members.iter().filter(|(key, _)| key.as_str() != "hash"), &mut out)?;
+    let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+    hasher.update(&out);
+    Ok(Some(Hash(*hasher.finalize().as_bytes())))
+}
+
+fn write_object<'v>(members: impl Iterator<Item = (&'v String, &'v Value)>, out: &mut Vec<u8>) -> Result<(), Error> {
+    let mut entries: Vec<(&String, &Value)> = members.collect();
+    entries.sort_unstable_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+    out.push(b'{');
+    for (i, (key, item)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut *out, key).map_err(|e| Error::Serialize(e.to_string()))?;
+        out.push(b':');
+        write_canonical(item, out)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<(), Error> {
     let write_scalar =
         |v: &Value, out: &mut Vec<u8>| serde_json::to_writer(out, v).map_err(|e| Error::Serialize(e.to_string()));
@@ -305,21 +334,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) -> Result<(), Error> {
             out.push(b']');
             Ok(())
         }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
-            out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                serde_json::to_writer(&mut *out, key).map_err(|e| Error::Serialize(e.to_string()))?;
-                out.push(b':');
-                write_canonical(item, out)?;
-            }
-            out.push(b'}');
-            Ok(())
-        }
+        Value::Object(map) => write_object(map.iter(), out),
     }
 }
 
@@ -382,6 +397,23 @@ mod tests {
         assert_eq!(record.hash, record.compute_hash().unwrap());
         assert_eq!(Hash([0xab; 32]).to_string(), "ab".repeat(32));
         assert_eq!(serde_json::to_value(Hash([0x0f; 32])).unwrap(), json!("0f".repeat(32)));
+    }
+
+    #[test]
+    fn a_received_document_hashes_as_its_record() {
+        for r in chain(3) {
+            let doc = serde_json::to_value(&r).unwrap();
+            assert_eq!(document_hash(&doc).unwrap(), Some(r.hash));
+            // Any member but `hash` is covered, whatever its type.
+            let mut edited = doc.clone();
+            edited["op"]["extra"] = json!([1, {"b": null, "a": true}]);
+            assert_ne!(document_hash(&edited).unwrap(), Some(r.hash));
+            let mut rehashed = doc;
+            rehashed["hash"] = json!("00".repeat(32));
+            assert_eq!(document_hash(&rehashed).unwrap(), Some(r.hash));
+        }
+        assert_eq!(document_hash(&json!([1])).unwrap(), None);
+        assert_eq!(document_hash(&json!({"seq": 1.5})), Err(Error::Float("1.5".into())));
     }
 
     #[test]

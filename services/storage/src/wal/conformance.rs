@@ -331,3 +331,137 @@ fn sqlite_admits_one_process_per_data_directory() {
     let second = SqliteWal::open(&dir.0).unwrap_err();
     assert!(second.to_string().contains("in use by another toka-storage process"), "{second}");
 }
+
+/// Every event of `records` as (seq, idx) that `pick` accepts, in log order.
+fn expected_hits(records: &[StoredRecord], pick: impl Fn(&EventKey) -> bool) -> Vec<(u64, u16)> {
+    let mut out = Vec::new();
+    for r in records {
+        for (idx, key) in r.events.iter().enumerate() {
+            if pick(key) {
+                out.push((r.seq, idx as u16));
+            }
+        }
+    }
+    out
+}
+
+/// Pages through `query` 5 hits at a time.
+fn paged(wal: &dyn Wal, query: &Query) -> Vec<(u64, u16)> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = wal.query(LogName::Kernel, &Query { after, limit: 5, ..query.clone() }).unwrap();
+        out.extend(page.iter().map(|h| (h.seq, h.idx)));
+        match page.last() {
+            Some(h) if page.len() == 5 => after = Some((h.seq, h.idx)),
+            _ => return out,
+        }
+    }
+}
+
+fn indexed_rows(dir: &std::path::Path) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(dir.join("wal.sqlite3")).unwrap();
+    let rows = conn.query_row("SELECT count(*) FROM events WHERE log = 'kernel'", [], |r| r.get(0)).unwrap();
+    let seq = conn.query_row("SELECT indexed_seq FROM logs WHERE log = 'kernel'", [], |r| r.get(0)).unwrap_or(0);
+    (rows, seq)
+}
+
+#[test]
+fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
+    use super::sqlite::INDEX_EVERY;
+    let dir = TempDir::new("index");
+    let total = INDEX_EVERY as u64 + 40;
+    let records = chain((0, Hash::ZERO), total, "a");
+    let check = |wal: &dyn Wal, upto: usize| {
+        let seen = &records[..upto];
+        let entity = Query { entity: Some("a1".into()), ..Query::default() };
+        assert_eq!(paged(wal, &entity), expected_hits(seen, |k| k.entity.as_deref() == Some("a1")));
+        let failed = Query { event_type: Some("task.failed".into()), ..Query::default() };
+        assert_eq!(paged(wal, &failed), expected_hits(seen, |k| k.event_type == "task.failed"));
+        // Time bounds that straddle what is indexed and what is not.
+        let (from, to) = (1_000 * (INDEX_EVERY as u64 - 3), 1_000 * (INDEX_EVERY as u64 + 3));
+        let window = Query { from_time_us: Some(from), to_time_us: Some(to), ..Query::default() };
+        let in_window: Vec<_> = seen.iter().filter(|r| r.time_us >= from && r.time_us < to).cloned().collect();
+        assert_eq!(paged(wal, &window), expected_hits(&in_window, |_| true));
+    };
+    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    let mut appended = 0;
+    for batch in records.chunks(7) {
+        append_one(&mut wal, LogName::Kernel, batch).unwrap();
+        appended += batch.len();
+        let (rows, seq) = indexed_rows(&dir.0);
+        if appended < INDEX_EVERY {
+            assert_eq!((rows, seq), (0, 0), "nothing is indexed in the commits before {INDEX_EVERY} records wait");
+        } else {
+            assert!(seq as usize >= INDEX_EVERY && seq as usize <= appended, "indexed through {seq} of {appended}");
+            assert_eq!(rows, 2 * seq, "every event of the indexed records, once");
+        }
+        if appended % 70 == 0 || appended == records.len() {
+            check(&wal, appended);
+        }
+    }
+    // After a restart the records not indexed yet are read back from their rows.
+    let (_, indexed) = indexed_rows(&dir.0);
+    assert!((indexed as u64) < total, "some records are still waiting for the index");
+    drop(wal);
+    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    check(&wal, records.len());
+    // Compaction past the indexed sequence leaves no hit for a removed record.
+    let state = Hash([7; 32]);
+    let at = total - 5;
+    wal.put_snapshot_chunk(
+        LogName::Kernel,
+        SnapshotChunk { seq: at, state_hash: state, chunk: 0, chunks: 1, data: vec![1] },
+    )
+    .unwrap();
+    wal.compact(LogName::Kernel, at).unwrap();
+    let left = paged(&wal, &Query::default());
+    assert_eq!(left, expected_hits(&records[at as usize..], |_| true));
+    drop(wal);
+    let wal = SqliteWal::open(&dir.0).unwrap();
+    assert_eq!(paged(&wal, &Query::default()), left, "and none after a restart");
+}
+
+#[test]
+fn sqlite_opens_a_database_whose_events_were_indexed_in_each_commit() {
+    // The layout before events were indexed behind the log: no keys in the records' rows, no
+    // indexed sequence; every record's events are in the `events` table.
+    let dir = TempDir::new("old-layout");
+    let a = chain((0, Hash::ZERO), 4, "a");
+    {
+        let conn = rusqlite::Connection::open(dir.0.join("wal.sqlite3")).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE records (log TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL,
+                prev_hash BLOB NOT NULL, time_us INTEGER NOT NULL, body BLOB NOT NULL,
+                PRIMARY KEY (log, seq)) WITHOUT ROWID;
+             CREATE TABLE events (log TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+                type TEXT NOT NULL, entity TEXT, time_us INTEGER NOT NULL,
+                PRIMARY KEY (log, seq, idx)) WITHOUT ROWID;
+             CREATE TABLE logs (log TEXT PRIMARY KEY, compacted_seq INTEGER NOT NULL DEFAULT 0,
+                compacted_hash BLOB, published_seq INTEGER NOT NULL DEFAULT 0);",
+        )
+        .unwrap();
+        for r in &a {
+            conn.execute(
+                "INSERT INTO records VALUES ('kernel', ?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![r.seq as i64, &r.hash.0[..], &r.prev_hash.0[..], r.time_us as i64, &r.body],
+            )
+            .unwrap();
+            for (idx, k) in r.events.iter().enumerate() {
+                conn.execute(
+                    "INSERT INTO events VALUES ('kernel', ?1, ?2, ?3, ?4, ?5)",
+                    rusqlite::params![r.seq as i64, idx as i64, k.event_type, k.entity, r.time_us as i64],
+                )
+                .unwrap();
+            }
+        }
+    }
+    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    assert_eq!(indexed_rows(&dir.0), (8, 4), "its records count as indexed");
+    assert_eq!(paged(&wal, &Query::default()), expected_hits(&a, |_| true), "each event found once");
+    let b = chain(head_of(&a), 2, "b");
+    append_one(&mut wal, LogName::Kernel, &b).unwrap();
+    let all: Vec<_> = a.iter().chain(&b).cloned().collect();
+    assert_eq!(paged(&wal, &Query::default()), expected_hits(&all, |_| true));
+}

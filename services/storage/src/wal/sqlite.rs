@@ -7,6 +7,13 @@
 //! Checkpoints run beside the writer, on their own thread and connection. A lock
 //! file (`LOCK`, held for the process's life) keeps a second process off the same directory.
 //!
+//! Events are indexed behind the log, not in every commit: a record keeps its events' index
+//! keys in its own row, and the `events` table (with its indexes by entity and by type) is
+//! brought up to date for [`INDEX_EVERY`] records at once, inside the commit that reaches that
+//! many. Queries add the few records not yet indexed from memory, so they see every committed
+//! event. Keeping the indexes in each commit wrote their pages at every fsync and cost about
+//! a fifth of storage's CPU under load (README, "Measured").
+//!
 //! A data directory on a read-only mount is opened read-only: reads, queries and verification
 //! still work, and every write is refused with an error that says why.
 
@@ -18,14 +25,14 @@ use rusqlite::{Connection, OptionalExtension as _, params};
 use toka_shared::record::{Hash, LogName};
 
 use super::{
-    Appended, Error, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit,
-    plan_append,
+    Appended, Error, EventKey, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk,
+    compaction_limit, plan_append,
 };
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS records (
     log TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL, prev_hash BLOB NOT NULL,
-    time_us INTEGER NOT NULL, body BLOB NOT NULL,
+    time_us INTEGER NOT NULL, body BLOB NOT NULL, event_keys BLOB,
     PRIMARY KEY (log, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     log TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, type TEXT NOT NULL,
@@ -35,7 +42,8 @@ CREATE INDEX IF NOT EXISTS events_by_entity ON events (log, entity, seq, idx) WH
 CREATE INDEX IF NOT EXISTS events_by_type ON events (log, type, seq, idx);
 CREATE TABLE IF NOT EXISTS logs (
     log TEXT PRIMARY KEY, compacted_seq INTEGER NOT NULL DEFAULT 0,
-    compacted_hash BLOB, published_seq INTEGER NOT NULL DEFAULT 0);
+    compacted_hash BLOB, published_seq INTEGER NOT NULL DEFAULT 0,
+    indexed_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS snapshots (
     log TEXT NOT NULL, seq INTEGER NOT NULL, state_hash BLOB NOT NULL, chunks INTEGER NOT NULL,
     PRIMARY KEY (log, seq));
@@ -56,6 +64,32 @@ fn seq_i64(seq: u64) -> Result<i64, Error> {
     i64::try_from(seq).map_err(|_| Error::Invalid(format!("sequence {seq} is out of range")))
 }
 
+/// How many committed records may wait to be indexed; the commit that reaches this many
+/// indexes them all.
+pub const INDEX_EVERY: usize = 256;
+
+/// A committed record whose events are not in the `events` table yet.
+#[derive(Debug, Clone)]
+struct Unindexed {
+    log: LogName,
+    seq: u64,
+    time_us: u64,
+    events: Vec<EventKey>,
+}
+
+/// A record's index keys as kept in its row: `[[type, entity or null], ...]`.
+fn encode_keys(events: &[EventKey]) -> Result<Vec<u8>, Error> {
+    let pairs: Vec<(&str, Option<&str>)> =
+        events.iter().map(|k| (k.event_type.as_str(), k.entity.as_deref())).collect();
+    serde_json::to_vec(&pairs).map_err(io)
+}
+
+fn decode_keys(seq: i64, bytes: &[u8]) -> Result<Vec<EventKey>, Error> {
+    let pairs: Vec<(String, Option<String>)> = serde_json::from_slice(bytes)
+        .map_err(|e| Error::Corrupt(format!("record {seq}: index keys do not decode: {e}")))?;
+    Ok(pairs.into_iter().map(|(event_type, entity)| EventKey { event_type, entity }).collect())
+}
+
 /// The SQLite WAL of one data directory.
 #[derive(Debug)]
 pub struct SqliteWal {
@@ -66,6 +100,8 @@ pub struct SqliteWal {
     /// Each log's head as of the last commit, so an append does not query it (this process is
     /// the only writer); dropped whenever a transaction fails or compaction moves it.
     heads: BTreeMap<LogName, Head>,
+    /// Committed records not yet in the `events` table, in commit order.
+    unindexed: Vec<Unindexed>,
     dir: PathBuf,
     read_only: bool,
     _checkpointer: Option<Checkpointer>,
@@ -172,10 +208,12 @@ impl SqliteWal {
                 | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
             tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
+            let unindexed = Self::unindexed_in(&conn)?;
             return Ok(SqliteWal {
                 conn,
                 unsaved_marks: BTreeMap::new(),
                 heads: BTreeMap::new(),
+                unindexed,
                 dir: dir.to_owned(),
                 read_only,
                 _checkpointer: None,
@@ -189,11 +227,14 @@ impl SqliteWal {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;").map_err(io)?;
         conn.execute_batch(SCHEMA).map_err(io)?;
+        Self::migrate(&conn)?;
+        let unindexed = Self::unindexed_in(&conn)?;
         let checkpointer = Some(Checkpointer::start(&path)?);
         let wal = SqliteWal {
             conn,
             unsaved_marks: BTreeMap::new(),
             heads: BTreeMap::new(),
+            unindexed,
             dir: dir.to_owned(),
             read_only,
             _checkpointer: checkpointer,
@@ -223,6 +264,94 @@ impl SqliteWal {
     fn writable(&self) -> Result<(), Error> {
         if self.read_only {
             return Err(Error::Io(format!("{} is on a read-only file system; writes are refused", self.dir.display())));
+        }
+        Ok(())
+    }
+
+    /// Brings a database written before events were indexed behind the log up to this
+    /// layout: every record it holds is indexed already.
+    fn migrate(conn: &Connection) -> Result<(), Error> {
+        let has = |table: &str, column: &str| -> Result<bool, Error> {
+            let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})")).map_err(io)?;
+            let names = stmt.query_map([], |r| r.get::<_, String>(1)).map_err(io)?;
+            for name in names {
+                if name.map_err(io)? == column {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        };
+        if !has("records", "event_keys")? {
+            conn.execute_batch("ALTER TABLE records ADD COLUMN event_keys BLOB").map_err(io)?;
+        }
+        if !has("logs", "indexed_seq")? {
+            conn.execute_batch(
+                "BEGIN;
+                 ALTER TABLE logs ADD COLUMN indexed_seq INTEGER NOT NULL DEFAULT 0;
+                 INSERT OR IGNORE INTO logs (log) SELECT DISTINCT log FROM records;
+                 UPDATE logs SET indexed_seq = coalesce((SELECT max(seq) FROM records r WHERE r.log = logs.log), 0);
+                 COMMIT;",
+            )
+            .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// The records committed after each log's indexed sequence, with their index keys.
+    fn unindexed_in(conn: &Connection) -> Result<Vec<Unindexed>, Error> {
+        let mut out = Vec::new();
+        for log in LogName::ALL {
+            // A database from before this layout has no `indexed_seq`: all of it is indexed.
+            let indexed: i64 = match conn
+                .query_row("SELECT indexed_seq FROM logs WHERE log = ?1", [log.as_str()], |r| r.get(0))
+                .optional()
+            {
+                Ok(seq) => seq.unwrap_or(0),
+                Err(_) => continue,
+            };
+            let mut stmt = conn
+                .prepare("SELECT seq, time_us, event_keys FROM records WHERE log = ?1 AND seq > ?2 ORDER BY seq")
+                .map_err(io)?;
+            let mut rows = stmt.query(params![log.as_str(), indexed]).map_err(io)?;
+            while let Some(row) = rows.next().map_err(io)? {
+                let seq: i64 = row.get(0).map_err(io)?;
+                let keys: Option<Vec<u8>> = row.get(2).map_err(io)?;
+                out.push(Unindexed {
+                    log,
+                    seq: seq as u64,
+                    time_us: row.get::<_, i64>(1).map_err(io)? as u64,
+                    events: keys.map(|k| decode_keys(seq, &k)).transpose()?.unwrap_or_default(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the events of `records` into the `events` table and moves each log's indexed
+    /// sequence past them, in the caller's transaction.
+    fn index(conn: &Connection, records: &[Unindexed]) -> Result<(), Error> {
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO events (log, seq, idx, type, entity, time_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(io)?;
+        let mut last = BTreeMap::new();
+        for r in records {
+            let (seq, time) = (seq_i64(r.seq)?, seq_i64(r.time_us)?);
+            for (idx, key) in r.events.iter().enumerate() {
+                insert
+                    .execute(params![r.log.as_str(), seq, idx as i64, key.event_type, key.entity, time])
+                    .map_err(io)?;
+            }
+            last.insert(r.log, seq);
+        }
+        let mut mark = conn
+            .prepare_cached(
+                "INSERT INTO logs (log, indexed_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET indexed_seq = ?2",
+            )
+            .map_err(io)?;
+        for (log, seq) in last {
+            mark.execute(params![log.as_str(), seq]).map_err(io)?;
         }
         Ok(())
     }
@@ -266,6 +395,7 @@ impl SqliteWal {
         log: LogName,
         batch: &[StoredRecord],
         head: Option<Head>,
+        unindexed: &mut Vec<Unindexed>,
     ) -> Result<(Appended, Head), Error> {
         let head = match head {
             Some(head) => head,
@@ -282,19 +412,17 @@ impl SqliteWal {
         })?;
         let mut insert = tx
             .prepare_cached(
-                "INSERT INTO records (log, seq, hash, prev_hash, time_us, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO records (log, seq, hash, prev_hash, time_us, body, event_keys) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
-            .map_err(io)?;
-        let mut index = tx
-            .prepare_cached("INSERT INTO events (log, seq, idx, type, entity, time_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
             .map_err(io)?;
         for r in &batch[committed..] {
             let seq = seq_i64(r.seq)?;
             let time = seq_i64(r.time_us)?;
-            insert.execute(params![log.as_str(), seq, &r.hash.0[..], &r.prev_hash.0[..], time, &r.body]).map_err(io)?;
-            for (idx, key) in r.events.iter().enumerate() {
-                index.execute(params![log.as_str(), seq, idx as i64, key.event_type, key.entity, time]).map_err(io)?;
-            }
+            let keys = encode_keys(&r.events)?;
+            insert
+                .execute(params![log.as_str(), seq, &r.hash.0[..], &r.prev_hash.0[..], time, &r.body, keys])
+                .map_err(io)?;
+            unindexed.push(Unindexed { log, seq: r.seq, time_us: r.time_us, events: r.events.clone() });
         }
         let (first, last) = (&batch[0], &batch[batch.len() - 1]);
         let appended = Appended {
@@ -323,14 +451,17 @@ impl Wal for SqliteWal {
         };
         let mut results = Vec::with_capacity(batches.len());
         let mut heads = self.heads.clone();
+        let mut unindexed = Vec::new();
         for (log, batch) in batches {
             let result = (|| {
                 let run = |sql: &str| tx.prepare_cached(sql).and_then(|mut s| s.execute([])).map_err(io);
                 run("SAVEPOINT batch")?;
-                match Self::append_one(&tx, *log, batch, heads.get(log).copied()) {
+                let mut added = Vec::new();
+                match Self::append_one(&tx, *log, batch, heads.get(log).copied(), &mut added) {
                     Ok((a, head)) => {
                         run("RELEASE batch")?;
                         heads.insert(*log, head);
+                        unindexed.append(&mut added);
                         Ok(a)
                     }
                     Err(e) => {
@@ -344,6 +475,20 @@ impl Wal for SqliteWal {
         }
         // Markers are only a hint: one that does not save waits for the next commit.
         let marks_saved = Self::save_marks(&tx, &self.unsaved_marks).is_ok();
+        // The index catches up in the commit that brings INDEX_EVERY records to wait for it:
+        // if it fails, the records still commit and wait for the next one.
+        let indexed = self.unindexed.len() + unindexed.len() >= INDEX_EVERY
+            && tx
+                .execute_batch("SAVEPOINT idx")
+                .map_err(io)
+                .and_then(|()| Self::index(&tx, &self.unindexed))
+                .and_then(|()| Self::index(&tx, &unindexed))
+                .and_then(|()| tx.execute_batch("RELEASE idx").map_err(io))
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "indexing events failed; will retry with the next commit");
+                    let _ = tx.execute_batch("ROLLBACK TO idx; RELEASE idx");
+                })
+                .is_ok();
         // The commit is the durability point: with synchronous=FULL it returns after fsync.
         if let Err(e) = tx.commit() {
             self.heads.clear();
@@ -359,6 +504,11 @@ impl Wal for SqliteWal {
         }
         if marks_saved {
             self.unsaved_marks.clear();
+        }
+        if indexed {
+            self.unindexed.clear();
+        } else {
+            self.unindexed.append(&mut unindexed);
         }
         results
     }
@@ -434,7 +584,25 @@ impl Wal for SqliteWal {
                 },
             )
             .map_err(io)?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(io)
+        let mut hits = rows.collect::<Result<Vec<_>, _>>().map_err(io)?;
+        // Records not indexed yet all follow the indexed ones: their hits come after.
+        let after = q.after.map(|(s, i)| (s, i64::from(i))).unwrap_or((0, -1));
+        for r in self.unindexed.iter().filter(|r| r.log == log) {
+            if hits.len() >= q.limit {
+                break;
+            }
+            let in_time = q.from_time_us.is_none_or(|t| r.time_us >= t) && q.to_time_us.is_none_or(|t| r.time_us < t);
+            for (idx, key) in r.events.iter().enumerate() {
+                let matches = in_time
+                    && (r.seq, idx as i64) > after
+                    && q.entity.as_ref().is_none_or(|e| key.entity.as_ref() == Some(e))
+                    && q.event_type.as_ref().is_none_or(|t| &key.event_type == t);
+                if matches && hits.len() < q.limit {
+                    hits.push(Hit { seq: r.seq, idx: idx as u16, time_us: r.time_us });
+                }
+            }
+        }
+        Ok(hits)
     }
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
@@ -576,8 +744,12 @@ impl Wal for SqliteWal {
                 params![log.as_str(), seq, hash],
             )
             .map_err(io)?;
+            // What is compacted is never indexed: the index resumes after it.
+            tx.execute("UPDATE logs SET indexed_seq = max(indexed_seq, ?2) WHERE log = ?1", params![log.as_str(), seq])
+                .map_err(io)?;
         }
         tx.commit().map_err(io)?;
+        self.unindexed.retain(|r| r.log != log || r.seq > through_seq);
         Ok(removed as u64)
     }
 

@@ -720,3 +720,84 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
     let _ = stop.send(());
     run.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_log_once() {
+    use toka_shared::runtime::audit::{Entry, Ledger, Settings};
+    let Some(nats) = Nats::start().await else { return };
+    let dir = TempDir::new("audit-writers");
+    let _storage = start_storage(&nats, &dir.0).await;
+    let settings = Settings {
+        max_token_ttl_us: 3_600_000_000,
+        interval: Duration::from_secs(1),
+        commit_timeout: Duration::from_secs(10),
+        revocations: true,
+    };
+    let observer: toka_shared::runtime::audit::Observer = std::sync::Arc::new(|_: &Event| {});
+    // Two replicas of auth: each seals its batches on its own view of the head, with appends in
+    // flight, so they conflict all the time and must settle through the log.
+    let a = Ledger::start(nats.connect(Role::Auth).await, settings.clone(), observer.clone()).await.unwrap();
+    let b = Ledger::start(nats.connect(Role::Auth).await, settings, observer).await.unwrap();
+    let per_writer = 150;
+    let record = |ledger: Ledger, writer: &'static str, i: u32| async move {
+        let entry = if i % 50 == 7 {
+            Entry::Revoke {
+                principal: "load".parse().unwrap(),
+                jti: TokenId::from_u128(u128::from(i) << 8 | u128::from(writer == "b")),
+                reason: writer.into(),
+            }
+        } else {
+            Entry::Allowed {
+                principal: "load".parse().unwrap(),
+                action: "token.delegate",
+                resource: format!("token:{writer}-{i}"),
+                events: vec![],
+            }
+        };
+        ledger.record(entry).await
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..per_writer {
+        calls.spawn(record(a.clone(), "a", i));
+        calls.spawn(record(b.clone(), "b", i));
+    }
+    let mut committed = Vec::new();
+    while let Some(done) = calls.join_next().await {
+        committed.push(done.unwrap().expect("every decision is made durable"));
+    }
+    assert_eq!(committed.len(), 2 * per_writer as usize);
+
+    // The log holds each decision once, in a chain storage verifies.
+    let log = nats.read_log::<AuditEntry>(LogName::Audit).await;
+    let mut resources: Vec<&str> = log
+        .iter()
+        .filter(|r| r.op.action == "token.delegate" || r.op.action == "token.revoke")
+        .map(|r| r.op.resource.as_str())
+        .collect();
+    let total = resources.len();
+    resources.sort_unstable();
+    resources.dedup();
+    assert_eq!((total, resources.len()), (2 * per_writer as usize, 2 * per_writer as usize), "each decision once");
+    let operators = nats.connect(Role::Operator).await;
+    let verified: toka_shared::api::storage::VerifyReply = operators
+        .request(
+            subject::STORAGE_VERIFY.subject,
+            &toka_shared::api::storage::VerifyRequest { log: LogName::Audit, from_seq: None, to_seq: None },
+        )
+        .await
+        .unwrap();
+    assert_eq!((verified.verified, verified.first_break), (log.len() as u64, None));
+    // Revocation epochs count up along the log, one per revocation, whoever wrote it.
+    let epochs: Vec<u64> = log
+        .iter()
+        .flat_map(|r| &r.events)
+        .filter_map(|e| match e {
+            Event::TokenRevoked { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(epochs, (1..=epochs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(epochs.len(), 2 * (per_writer as usize).div_ceil(50));
+    a.close().await;
+    b.close().await;
+}

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde::Serialize;
-use toka_shared::api::storage::{AppendReply, AppendRequest, HeadReply, HeadRequest};
-use toka_shared::record::{LogName, Record};
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::config::NatsConfig;
-use toka_shared::spec::{RetryPolicy, TaskSpec, Timeouts};
-use toka_shared::wire::Reply;
-use toka_shared::{AgentId, Event, KernelRecord, OpId, Operation, TaskId, subject};
+use toka_contract::api::storage::{AppendReply, AppendRequest, HeadReply, HeadRequest};
+use toka_contract::record::{LogName, Record};
+use toka_contract::spec::{RetryPolicy, TaskSpec, Timeouts};
+use toka_contract::wire::Reply;
+use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation, TaskId, subject};
+use toka_runtime::bus::Bus;
+use toka_runtime::config::NatsConfig;
 
 /// The load's settings.
 #[derive(Debug, Clone, Serialize, clap::Args)]
@@ -58,10 +58,10 @@ struct Outcome {
     latency_us: BTreeMap<&'static str, u64>,
 }
 
-fn generate(after: (u64, toka_shared::Hash), n: u64) -> anyhow::Result<Vec<KernelRecord>> {
+fn generate(after: (u64, toka_contract::Hash), n: u64) -> anyhow::Result<Vec<KernelRecord>> {
     let mut prev = after.1;
     let mut out = Vec::with_capacity(n as usize);
-    let queue: toka_shared::spec::QueueName = "load".parse()?;
+    let queue: toka_contract::spec::QueueName = "load".parse()?;
     for seq in after.0 + 1..=after.0 + n {
         let time = 1_764_150_000_000_000 + seq;
         let agent = AgentId::mint(time, 1, 0);

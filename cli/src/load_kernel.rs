@@ -21,14 +21,14 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
-use toka_shared::api::kernel::{SubmitReply, SubmitRequest};
-use toka_shared::capability::{Action, Capability, Pattern};
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::config::NatsConfig;
-use toka_shared::spec::{AgentSpec, TaskSpec};
-use toka_shared::wire::ERROR_HEADER;
-use toka_shared::{AgentId, Event, OpId, Operation, subject};
+use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_contract::api::kernel::{SubmitReply, SubmitRequest};
+use toka_contract::capability::{Action, Capability, Pattern};
+use toka_contract::spec::{AgentSpec, TaskSpec};
+use toka_contract::wire::ERROR_HEADER;
+use toka_contract::{AgentId, Event, OpId, Operation, subject};
+use toka_runtime::bus::Bus;
+use toka_runtime::config::NatsConfig;
 
 /// How the clients run (shared by both loads).
 #[derive(Debug, Clone, Serialize, clap::Args)]
@@ -338,9 +338,9 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         load.clients.concurrency, load.clients.warmup, load.clients.duration, load.mix, load.nats_url
     );
     let mix = Arc::new(mix);
-    let queue: toka_shared::spec::QueueName = "load".parse()?;
-    let observation: toka_shared::spec::ObservationKind = "load.tick".parse()?;
-    let name: toka_shared::spec::AgentName = "load-agent".parse()?;
+    let queue: toka_contract::spec::QueueName = "load".parse()?;
+    let observation: toka_contract::spec::ObservationKind = "load.tick".parse()?;
+    let name: toka_contract::spec::AgentName = "load-agent".parse()?;
     let (client_bus, request_token) = (bus.clone(), token.clone());
     let result = drive(&load.clients, "operations", move |client, i| {
         let (kind, op) = match pick(&mix, i.wrapping_mul(7).wrapping_add(client as u64)) {

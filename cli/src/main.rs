@@ -19,8 +19,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use toka_shared::access::{Role, ServerSettings};
-use toka_shared::runtime::deploy;
+use toka_contract::access::{Role, ServerSettings};
+use toka_runtime::deploy;
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Set up and operate a Toka deployment")]
@@ -150,13 +150,13 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
 
 async fn ping(url: &str, creds: &Path, wait_ms: u64) -> anyhow::Result<()> {
     use futures::StreamExt as _;
-    let config = toka_shared::runtime::config::NatsConfig {
+    let config = toka_runtime::config::NatsConfig {
         url: url.to_owned(),
         nkey_seed_file: Some(creds.to_owned()),
         connect_timeout_ms: 3_000,
         ..Default::default()
     };
-    let bus = toka_shared::runtime::bus::Bus::connect(&config, "toka-cli").await?;
+    let bus = toka_runtime::bus::Bus::connect(&config, "toka-cli").await?;
     let client = bus.client();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
-use toka_shared::capability::{Action, ActionSet, Capability, Pattern};
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::config::NatsConfig;
-use toka_shared::subject;
+use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_contract::capability::{Action, ActionSet, Capability, Pattern};
+use toka_contract::subject;
+use toka_runtime::bus::Bus;
+use toka_runtime::config::NatsConfig;
 
 /// Issue a token with the deployment's admin key and print it.
 #[derive(Debug, clap::Args)]

@@ -8,21 +8,22 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use toka_auth::AuthConfig;
-use toka_shared::TokenId;
-use toka_shared::access::Role;
-use toka_shared::api::auth::{
+use toka_auth::signing::SigningKey;
+use toka_contract::TokenId;
+use toka_contract::access::Role;
+use toka_contract::api::auth::{
     Claims, Credential, DelegateRequest, IssueRequest, JwksReply, JwksRequest, RevocationsReply, RevocationsRequest,
     RevokeReply, RevokeRequest, RotateReply, RotateRequest, TokenReply,
 };
-use toka_shared::capability::{Action, Capability, Pattern};
-use toka_shared::record::{AuditEntry, Decision, LogName};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::runtime::lease::Lease;
-use toka_shared::runtime::token::{AUDIENCE, ISSUER, SigningKey, Verifier};
-use toka_shared::runtime::verifier::{LiveVerifier, VerifierConfig};
-use toka_shared::subject::{self, service};
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{Envelope, Event};
+use toka_contract::capability::{Action, Capability, Pattern};
+use toka_contract::record::{AuditEntry, Decision, LogName};
+use toka_contract::subject::{self, service};
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_contract::{Envelope, Event};
+use toka_runtime::bus::{Bus, RequestError};
+use toka_runtime::lease::Lease;
+use toka_runtime::token::{AUDIENCE, ISSUER, Verifier};
+use toka_runtime::verifier::{LiveVerifier, VerifierConfig};
 
 use crate::assert_eventually;
 use crate::harness::{Nats, Running, TempDir, expect_event, spawn_service};
@@ -52,8 +53,8 @@ impl Stack {
         let nats = Nats::start().await?;
         let dir = TempDir::new(tag);
         let storage = start_storage(&nats, &dir.0.join("storage")).await;
-        let admin_key = toka_shared::runtime::deploy::new_admin_key().unwrap();
-        toka_shared::runtime::deploy::write_secret(&dir.0.join("admin.key"), &format!("{admin_key}\n")).unwrap();
+        let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
+        toka_runtime::deploy::write_secret(&dir.0.join("admin.key"), &format!("{admin_key}\n")).unwrap();
         let client = nats.connect(Role::Client).await;
         Some(Stack { nats, dir, _storage: storage, admin_key, client })
     }
@@ -120,7 +121,7 @@ impl Stack {
     }
 
     /// The audit log as the operator reads it.
-    async fn audit(&self) -> Vec<toka_shared::record::AuditRecord> {
+    async fn audit(&self) -> Vec<toka_contract::record::AuditRecord> {
         self.nats.read_log::<AuditEntry>(LogName::Audit).await
     }
 
@@ -252,7 +253,7 @@ async fn tokens_are_issued_only_for_the_configured_admin_key_or_an_issue_token_a
         })
         .collect();
     assert_eq!(jtis, vec![issued.jti, issuer.jti, by_token.jti]);
-    toka_shared::record::verify_chain(&audit, 0, toka_shared::record::Hash::ZERO).unwrap();
+    toka_contract::record::verify_chain(&audit, 0, toka_contract::record::Hash::ZERO).unwrap();
     assert_eventually!(
         Duration::from_secs(5),
         stack.audit().await.iter().any(|r| r.op.decision == Decision::Deny && r.op.action == "token.issue"),
@@ -424,7 +425,7 @@ async fn rate_limits_say_when_to_retry_and_denials_are_aggregated_in_the_audit_l
     let Some(stack) = Stack::start("auth-limits").await else { return };
     let _auth = stack
         .auth(|c| {
-            c.rate_limits.insert("issue".into(), toka_shared::runtime::limit::Rate::new(1, 2));
+            c.rate_limits.insert("issue".into(), toka_runtime::limit::Rate::new(1, 2));
             c.audit_interval_ms = 300;
         })
         .await;
@@ -444,7 +445,7 @@ async fn rate_limits_say_when_to_retry_and_denials_are_aggregated_in_the_audit_l
     for result in futures::future::join_all(requests).await {
         assert_eq!(result.unwrap_err().code, ErrorCode::Unauthorized);
     }
-    let mut denied: Vec<toka_shared::record::AuditRecord>;
+    let mut denied: Vec<toka_contract::record::AuditRecord>;
     assert_eventually!(
         Duration::from_secs(5),
         {
@@ -473,7 +474,7 @@ async fn keys_rotate_across_their_overlap_survive_restarts_and_replicas_agree() 
             c.leeway_s = 0;
             c.lease_ttl_ms = 900;
             c.instance = instance.into();
-            c.rate_limits.insert("rotate".into(), toka_shared::runtime::limit::Rate::new(100, 100));
+            c.rate_limits.insert("rotate".into(), toka_runtime::limit::Rate::new(100, 100));
         }
     };
     let a = stack.auth(tweak("a")).await;
@@ -548,7 +549,7 @@ async fn keys_rotate_across_their_overlap_survive_restarts_and_replicas_agree() 
             .map(Result::unwrap)
             .collect();
     let audit = stack.audit().await;
-    toka_shared::record::verify_chain(&audit, 0, toka_shared::record::Hash::ZERO).unwrap();
+    toka_contract::record::verify_chain(&audit, 0, toka_contract::record::Hash::ZERO).unwrap();
     for token in &issued {
         let found = audit
             .iter()
@@ -694,7 +695,7 @@ print(json.dumps(jwt.decode(token, key=key, algorithms=["EdDSA"], audience="toka
 async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key() {
     let Some(nats) = Nats::start().await else { return };
     let dir = TempDir::new("auth-wait");
-    let admin = toka_shared::runtime::config::AdminConfig {
+    let admin = toka_runtime::config::AdminConfig {
         listen: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(),
     };
     let addr = admin.listen;
@@ -723,35 +724,30 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_log_once() {
-    use toka_shared::runtime::audit::{Entry, Ledger, Settings};
+    use toka_auth::revocations::{self, Revocations};
+    use toka_runtime::audit::{Entry, Events, Ledger, Settings};
     let Some(nats) = Nats::start().await else { return };
     let dir = TempDir::new("audit-writers");
     let _storage = start_storage(&nats, &dir.0).await;
-    let settings = Settings {
-        max_token_ttl_us: 3_600_000_000,
-        interval: Duration::from_secs(1),
-        commit_timeout: Duration::from_secs(10),
-        revocations: true,
-    };
-    let observer: toka_shared::runtime::audit::Observer = std::sync::Arc::new(|_: &Event| {});
+    let settings = Settings { interval: Duration::from_secs(1), commit_timeout: Duration::from_secs(10) };
+    let fold = Revocations::new(3_600_000_000);
+    let observer: toka_runtime::audit::Observer = std::sync::Arc::new(|_: &Event| {});
     // Two replicas of auth: each seals its batches on its own view of the head, with appends in
     // flight, so they conflict all the time and must settle through the log.
-    let a = Ledger::start(nats.connect(Role::Auth).await, settings.clone(), observer.clone()).await.unwrap();
-    let b = Ledger::start(nats.connect(Role::Auth).await, settings, observer).await.unwrap();
+    let a =
+        Ledger::start(nats.connect(Role::Auth).await, settings.clone(), fold.clone(), observer.clone()).await.unwrap();
+    let b = Ledger::start(nats.connect(Role::Auth).await, settings, fold, observer).await.unwrap();
     let per_writer = 150;
-    let record = |ledger: Ledger, writer: &'static str, i: u32| async move {
+    let record = |ledger: Ledger<Revocations>, writer: &'static str, i: u32| async move {
         let entry = if i % 50 == 7 {
-            Entry::Revoke {
-                principal: "load".parse().unwrap(),
-                jti: TokenId::from_u128(u128::from(i) << 8 | u128::from(writer == "b")),
-                reason: writer.into(),
-            }
+            let jti = TokenId::from_u128(u128::from(i) << 8 | u128::from(writer == "b"));
+            revocations::entry("load".parse().unwrap(), jti, writer.into())
         } else {
-            Entry::Allowed {
+            Entry {
                 principal: "load".parse().unwrap(),
                 action: "token.delegate",
                 resource: format!("token:{writer}-{i}"),
-                events: vec![],
+                events: Events::Fixed(vec![]),
             }
         };
         ledger.record(entry).await
@@ -779,10 +775,10 @@ async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_lo
     resources.dedup();
     assert_eq!((total, resources.len()), (2 * per_writer as usize, 2 * per_writer as usize), "each decision once");
     let operators = nats.connect(Role::Operator).await;
-    let verified: toka_shared::api::storage::VerifyReply = operators
+    let verified: toka_contract::api::storage::VerifyReply = operators
         .request(
             subject::STORAGE_VERIFY.subject,
-            &toka_shared::api::storage::VerifyRequest { log: LogName::Audit, from_seq: None, to_seq: None },
+            &toka_contract::api::storage::VerifyRequest { log: LogName::Audit, from_seq: None, to_seq: None },
         )
         .await
         .unwrap();

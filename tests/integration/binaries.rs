@@ -8,9 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use toka_shared::access::Role;
-use toka_shared::api::service::{HealthReply, HealthRequest};
-use toka_shared::subject;
+use toka_contract::access::Role;
+use toka_contract::api::service::{HealthReply, HealthRequest};
+use toka_contract::subject;
 
 use crate::assert_eventually;
 use crate::harness::Nats;

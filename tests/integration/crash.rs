@@ -5,17 +5,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use toka_shared::access::Role;
-use toka_shared::api::service::{HealthReply, HealthRequest};
-use toka_shared::api::storage::{
+use toka_contract::access::Role;
+use toka_contract::api::service::{HealthReply, HealthRequest};
+use toka_contract::api::storage::{
     AppendReply, AppendRequest, HeadReply, HeadRequest, ReadReply, ReadRequest, StatusReply, StatusRequest,
     VerifyReply, VerifyRequest,
 };
-use toka_shared::record::{Hash, LogName, Record};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::subject::{self, service};
-use toka_shared::wire::ErrorCode;
-use toka_shared::{AgentId, Event, KernelRecord, OpId, Operation};
+use toka_contract::record::{Hash, LogName, Record};
+use toka_contract::subject::{self, service};
+use toka_contract::wire::ErrorCode;
+use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation};
+use toka_runtime::bus::{Bus, RequestError};
 
 use crate::assert_eventually;
 use crate::harness::{Nats, Running, TempDir, spawn_service};

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use toka_shared::op::{Requirement, Resource};
-use toka_shared::spec::{AgentSpec, TaskSpec};
-use toka_shared::subject;
-use toka_shared::wire::ErrorCode;
-use toka_shared::{AgentId, Operation, TaskId};
+use toka_contract::op::{Requirement, Resource};
+use toka_contract::spec::{AgentSpec, TaskSpec};
+use toka_contract::subject;
+use toka_contract::wire::ErrorCode;
+use toka_contract::{AgentId, Operation, TaskId};
 
 fn read(name: &str) -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(name)).unwrap()
@@ -121,6 +121,6 @@ fn architecture_lists_every_action_in_the_grammar() {
     let doc = read("ARCHITECTURE.md");
     let grammar = doc.split("action  :=").nth(1).unwrap().split("```").next().unwrap();
     let listed: Vec<&str> = grammar.split(['|', ' ', '\n']).filter(|w| !w.is_empty()).collect();
-    let actions: Vec<&str> = toka_shared::Action::ALL.iter().map(|a| a.as_str()).collect();
+    let actions: Vec<&str> = toka_contract::Action::ALL.iter().map(|a| a.as_str()).collect();
     assert_eq!(listed, actions);
 }

@@ -2,7 +2,7 @@
 //! wait with bounded patience.
 //!
 //! NATS runs from the local image `toka-nats:2.15.1` (built by `scripts/build-nats-image.sh`;
-//! nothing can be pulled) with a server configuration generated from `toka_shared::access`, so
+//! nothing can be pulled) with a server configuration generated from `toka_contract::access`, so
 //! every test talks to the same least-privilege bus a deployment gets. Without Docker, container
 //! tests print why they skipped; with `TOKA_REQUIRE_DOCKER=1` (as `.ci/run` sets) they fail.
 
@@ -16,16 +16,16 @@ use std::time::Duration;
 use testcontainers::core::{IntoContainerPort as _, WaitFor};
 use testcontainers::runners::AsyncRunner as _;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt as _};
-use toka_shared::Envelope;
-use toka_shared::access::{self, Role, ServerSettings};
-use toka_shared::api::storage::{ReadReply, ReadRequest};
-use toka_shared::record::{LogName, Record};
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::cli::ShutdownSignal;
-use toka_shared::runtime::config::{AdminConfig, NatsConfig};
-use toka_shared::runtime::deploy;
-use toka_shared::schema::{Registry, ReplyContract};
-use toka_shared::subject;
+use toka_contract::Envelope;
+use toka_contract::access::{self, Role, ServerSettings};
+use toka_contract::api::storage::{ReadReply, ReadRequest};
+use toka_contract::record::{LogName, Record};
+use toka_contract::schema::{Registry, ReplyContract};
+use toka_contract::subject;
+use toka_runtime::bus::Bus;
+use toka_runtime::cli::ShutdownSignal;
+use toka_runtime::config::{AdminConfig, NatsConfig};
+use toka_runtime::deploy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The NATS image the container tests run.
@@ -101,7 +101,7 @@ pub struct Nats {
 impl Nats {
     /// Starts NATS, or returns `None` (after printing why) where Docker is unavailable.
     pub async fn start() -> Option<Nats> {
-        toka_shared::runtime::observe::init_for_tests();
+        toka_runtime::observe::init_for_tests();
         if !docker_ready() {
             return None;
         }
@@ -250,7 +250,7 @@ pub async fn expect_event(sub: &mut async_nats::Subscriber, within: Duration) ->
     let envelope: Envelope = serde_json::from_value(doc).unwrap();
     assert_eq!(
         message.subject.as_str(),
-        toka_shared::subject::event(envelope.tokalog, &envelope.data),
+        toka_contract::subject::event(envelope.tokalog, &envelope.data),
         "published on its subject"
     );
     envelope

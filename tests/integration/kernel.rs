@@ -7,20 +7,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
-use toka_shared::access::Role;
-use toka_shared::api::auth::{Credential, IssueRequest, TokenReply};
-use toka_shared::api::kernel::{
+use toka_contract::access::Role;
+use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_contract::api::kernel::{
     AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, SubmitBatchReply,
     SubmitBatchRequest, SubmitReply, SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskState,
     TaskView,
 };
-use toka_shared::capability::{Action, Capability, Pattern};
-use toka_shared::record::{Hash, LogName};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::spec::{AgentSpec, TaskSpec};
-use toka_shared::subject::{self, service};
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{AgentId, Event, OpId, Operation, TaskId};
+use toka_contract::capability::{Action, Capability, Pattern};
+use toka_contract::record::{Hash, LogName};
+use toka_contract::spec::{AgentSpec, TaskSpec};
+use toka_contract::subject::{self, service};
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_contract::{AgentId, Event, OpId, Operation, TaskId};
+use toka_runtime::bus::{Bus, RequestError};
 use tokio::sync::watch;
 
 use crate::assert_eventually;
@@ -59,9 +59,9 @@ impl Stack {
         let nats = Nats::start().await?;
         let dir = TempDir::new(tag);
         let storage = start_storage(&nats, &dir.0.join("storage")).await;
-        let admin_key = toka_shared::runtime::deploy::new_admin_key().unwrap();
+        let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
         let key_file = dir.0.join("admin.key");
-        toka_shared::runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
+        toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
         let auth = start_auth(&nats, &dir.0.join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
         let client = nats.connect(Role::Client).await;
         Some(Stack { nats, dir, storage: Some(storage), _auth: auth, admin_key, client })
@@ -85,12 +85,12 @@ impl Stack {
         self.token("operator", vec![agents, tasks]).await
     }
 
-    async fn kernel_log(&self) -> Vec<toka_shared::KernelRecord> {
+    async fn kernel_log(&self) -> Vec<toka_contract::KernelRecord> {
         self.nats.read_log::<Operation>(LogName::Kernel).await
     }
 
-    async fn audit_log(&self) -> Vec<toka_shared::AuditRecord> {
-        self.nats.read_log::<toka_shared::record::AuditEntry>(LogName::Audit).await
+    async fn audit_log(&self) -> Vec<toka_contract::AuditRecord> {
+        self.nats.read_log::<toka_contract::record::AuditEntry>(LogName::Audit).await
     }
 }
 
@@ -160,7 +160,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
         payload: "make all".into(),
         priority: 0,
         timeouts,
-        retry: toka_shared::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
+        retry: toka_contract::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
     };
     let task = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(spec(Default::default()))).await.unwrap());
     let worker = stack
@@ -186,7 +186,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
         let req = TaskGetRequest { token: op.clone(), task };
         async move { bus.request::<_, TaskView>(subject::KERNEL_TASK_GET.subject, &req).await.unwrap() }
     };
-    let timeouts = toka_shared::spec::Timeouts { schedule_to_start_us: Some(100_000), ..Default::default() };
+    let timeouts = toka_contract::spec::Timeouts { schedule_to_start_us: Some(100_000), ..Default::default() };
     let late = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(spec(timeouts))).await.unwrap());
     assert_eventually!(
         Duration::from_secs(5),
@@ -197,8 +197,8 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     // the attempts are used up.
     let flaky = TaskSpec {
         queue: "slow".parse().unwrap(),
-        timeouts: toka_shared::spec::Timeouts { start_to_close_us: Some(100_000), ..Default::default() },
-        retry: toka_shared::spec::RetryPolicy { max_attempts: 2, initial_backoff_us: 50_000, ..Default::default() },
+        timeouts: toka_contract::spec::Timeouts { start_to_close_us: Some(100_000), ..Default::default() },
+        retry: toka_contract::spec::RetryPolicy { max_attempts: 2, initial_backoff_us: 50_000, ..Default::default() },
         ..spec(Default::default())
     };
     let flaky = scheduled(&submit(bus, &op, op_id(), Operation::ScheduleTask(flaky)).await.unwrap());
@@ -236,7 +236,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
         stack.audit_log().await.iter().any(|r| {
             r.principal.as_str() == "agent-other"
                 && r.op.action == "agent.terminate"
-                && r.op.decision == toka_shared::record::Decision::Deny
+                && r.op.decision == toka_contract::record::Decision::Deny
                 && r.op.resource == format!("agent:{agent}")
         }),
         "the denial is in the audit log"
@@ -276,8 +276,8 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     let kid_reply = submit(bus, &op, op_id(), spawn("kid", Some(agent))).await.unwrap();
     let kid = spawned(&kid_reply);
     let kid_token = kid_reply.agent_token.expect("a token for the spawned agent");
-    let claims = toka_shared::runtime::token::Verifier::new(
-        &bus.request(subject::AUTH_JWKS.subject, &toka_shared::api::auth::JwksRequest {}).await.unwrap(),
+    let claims = toka_runtime::token::Verifier::new(
+        &bus.request(subject::AUTH_JWKS.subject, &toka_contract::api::auth::JwksRequest {}).await.unwrap(),
         0,
     )
     .unwrap()
@@ -322,7 +322,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     // Everything acknowledged is in the log, chained, and replays.
     let log = stack.kernel_log().await;
     assert_eq!(log.last().unwrap().seq, *seqs.last().unwrap());
-    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
     assert!(log.iter().any(|r| matches!(r.op, Operation::Tick {})), "the tick is logged");
     let mut replayed = toka_kernel::machine::State::default();
     for record in &log {
@@ -369,16 +369,20 @@ async fn a_standby_takes_over_with_the_state_hash_of_the_log() {
     assert_eq!(*standby_hash.borrow(), (0, Hash::ZERO), "the standby waits without a state");
     // The active stored snapshots (every 50 records): the standby starts from one.
     let kernel_bus = stack.nats.connect(Role::Kernel).await;
-    let snapshot = toka_shared::api::storage::SnapshotGetRequest { log: LogName::Kernel, at_or_before: None, chunk: 0 };
+    let snapshot =
+        toka_contract::api::storage::SnapshotGetRequest { log: LogName::Kernel, at_or_before: None, chunk: 0 };
     assert_eventually!(
         Duration::from_secs(5),
         kernel_bus
-            .request::<_, toka_shared::api::storage::SnapshotGetReply>(subject::STORAGE_SNAPSHOT_GET.subject, &snapshot)
+            .request::<_, toka_contract::api::storage::SnapshotGetReply>(
+                subject::STORAGE_SNAPSHOT_GET.subject,
+                &snapshot
+            )
             .await
             .is_ok_and(|s| s.seq >= 50),
         "a snapshot was stored"
     );
-    let stored: toka_shared::api::storage::SnapshotGetReply =
+    let stored: toka_contract::api::storage::SnapshotGetReply =
         kernel_bus.request(subject::STORAGE_SNAPSHOT_GET.subject, &snapshot).await.unwrap();
     let stored = base64::engine::general_purpose::STANDARD.decode(&stored.data).unwrap();
     assert_eq!(stored[..4], [0x28, 0xb5, 0x2f, 0xfd], "stored as a zstd frame");
@@ -437,7 +441,7 @@ async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and
         done.unwrap();
     }
     let log = stack.kernel_log().await;
-    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
     for (id, seq) in acknowledged.lock().unwrap().iter() {
         let record = &log[(*seq - 1) as usize];
         assert_eq!(record.op_id, *id, "acknowledged op at {seq} is durable");
@@ -452,20 +456,20 @@ async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_library_claims_heartbeats_completes_and_fails_tasks() {
-    use toka_shared::runtime::worker::{Claimed, Failure, Worker};
+    use toka_client::worker::{Claimed, Failure, Worker};
     let Some(stack) = Stack::start("kernel-worker").await else { return };
     let (_kernel, _) = start_kernel(&stack.nats, "k").await;
     let op = stack.operator().await;
     let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
-    let jobs: toka_shared::spec::QueueName = "jobs".parse().unwrap();
+    let jobs: toka_contract::spec::QueueName = "jobs".parse().unwrap();
     for payload in ["one two", "three", "bad", "four five six"] {
         let spec = TaskSpec {
             agent: root,
             queue: jobs.clone(),
             payload: payload.into(),
             priority: 0,
-            timeouts: toka_shared::spec::Timeouts { heartbeat_us: Some(2_000_000), ..Default::default() },
-            retry: toka_shared::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
+            timeouts: toka_contract::spec::Timeouts { heartbeat_us: Some(2_000_000), ..Default::default() },
+            retry: toka_contract::spec::RetryPolicy { max_attempts: 1, ..Default::default() },
         };
         submit(&stack.client, &op, op_id(), Operation::ScheduleTask(spec)).await.unwrap();
     }
@@ -474,7 +478,11 @@ async fn the_worker_library_claims_heartbeats_completes_and_fails_tasks() {
         &[Action::Claim, Action::Heartbeat, Action::Complete, Action::Fail, Action::Read],
     )];
     let worker_token = stack.token("worker-7", caps).await;
-    let worker = Worker::new(stack.client.clone(), worker_token.clone(), jobs.clone(), "test-worker".into());
+    let worker = Worker::new(
+        toka_client::Client::new(stack.client.clone(), worker_token.clone()),
+        jobs.clone(),
+        "test-worker".into(),
+    );
     let handler = |task: Claimed| async move {
         // Long enough for a few heartbeats at 50 ms.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -539,7 +547,7 @@ fn start_kernel_process(nats: &Nats, stdout: &std::path::Path) -> std::process::
 }
 
 async fn kernel_ready(bus: &Bus) -> bool {
-    use toka_shared::api::service::{HealthReply, HealthRequest};
+    use toka_contract::api::service::{HealthReply, HealthRequest};
     bus.request::<HealthRequest, HealthReply>(subject::KERNEL_HEALTH.subject, &HealthRequest {})
         .await
         .is_ok_and(|h| h.ready)
@@ -597,7 +605,7 @@ async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_
     }
 
     let log = stack.kernel_log().await;
-    toka_shared::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
     for (id, seq) in acknowledged.lock().unwrap().iter() {
         assert_eq!(log[(*seq - 1) as usize].op_id, *id, "acknowledged op at {seq} is durable");
     }

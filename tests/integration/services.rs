@@ -6,14 +6,14 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use futures::StreamExt as _;
 use serde_json::Value;
-use toka_shared::access::Role;
-use toka_shared::api::service::{HealthReply, HealthRequest};
-use toka_shared::record::LogName;
-use toka_shared::runtime::config::NatsConfig;
-use toka_shared::schema::Registry;
-use toka_shared::subject::{self, service};
-use toka_shared::wire::{ERROR_CODE_HEADER, ERROR_HEADER};
-use toka_shared::{AgentId, Envelope, Event};
+use toka_contract::access::Role;
+use toka_contract::api::service::{HealthReply, HealthRequest};
+use toka_contract::record::LogName;
+use toka_contract::schema::Registry;
+use toka_contract::subject::{self, service};
+use toka_contract::wire::{ERROR_CODE_HEADER, ERROR_HEADER};
+use toka_contract::{AgentId, Envelope, Event};
+use toka_runtime::config::NatsConfig;
 
 use crate::assert_eventually;
 use crate::auth::start_auth;
@@ -42,7 +42,7 @@ async fn start_all(nats: &Nats, dir: &TempDir) -> Vec<Running> {
 }
 
 /// A `$SRV` request as the telemetry user (which may make them); the reply's JSON.
-async fn srv(bus: &toka_shared::runtime::bus::Bus, subject: String) -> Option<Value> {
+async fn srv(bus: &toka_runtime::bus::Bus, subject: String) -> Option<Value> {
     let reply =
         tokio::time::timeout(Duration::from_secs(2), bus.client().request(subject, "".into())).await.ok()?.ok()?;
     serde_json::from_slice(&reply.payload).ok()
@@ -212,12 +212,12 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
 async fn an_anonymous_or_unknown_user_cannot_connect() {
     let Some(nats) = Nats::start().await else { return };
     let anonymous = NatsConfig { nkey_seed_file: None, connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_shared::runtime::bus::Bus::connect(&anonymous, "anonymous").await.is_err());
+    assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous").await.is_err());
     let dir = crate::harness::TempDir::new("stranger");
-    let (seed, _) = toka_shared::runtime::deploy::new_user_key().unwrap();
+    let (seed, _) = toka_runtime::deploy::new_user_key().unwrap();
     let path = dir.0.join("stranger.nk");
-    toka_shared::runtime::deploy::write_secret(&path, &seed).unwrap();
+    toka_runtime::deploy::write_secret(&path, &seed).unwrap();
     let stranger = NatsConfig { nkey_seed_file: Some(path), connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_shared::runtime::bus::Bus::connect(&stranger, "stranger").await.is_err());
+    assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger").await.is_err());
     assert_eventually!(Duration::from_secs(1), true, "trivially");
 }

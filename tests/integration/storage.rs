@@ -6,17 +6,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use toka_shared::access::Role;
-use toka_shared::api::storage::{
+use toka_contract::access::Role;
+use toka_contract::api::storage::{
     AppendReply, AppendRequest, HeadReply, HeadRequest, QueryReply, QueryRequest, ReadReply, ReadRequest,
     SnapshotGetReply, SnapshotGetRequest, SnapshotPutReply, SnapshotPutRequest, StatusReply, StatusRequest,
     VerifyReply, VerifyRequest,
 };
-use toka_shared::record::{Hash, LogName, Record};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::subject::{self, service};
-use toka_shared::wire::ErrorCode;
-use toka_shared::{AgentId, Event, KernelRecord, OpId, Operation};
+use toka_contract::record::{Hash, LogName, Record};
+use toka_contract::subject::{self, service};
+use toka_contract::wire::ErrorCode;
+use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation};
+use toka_runtime::bus::{Bus, RequestError};
 
 use crate::harness::{Nats, Running, TempDir, expect_event, spawn_service};
 
@@ -27,7 +27,7 @@ fn records_after(after: (u64, Hash), n: u64) -> Vec<KernelRecord> {
         .map(|seq| {
             let time = 1_764_150_000_000_000 + seq;
             let agent = AgentId::mint(time, seq, 0);
-            let op = Operation::SpawnAgent(toka_shared::spec::AgentSpec {
+            let op = Operation::SpawnAgent(toka_contract::spec::AgentSpec {
                 name: "a".parse().unwrap(),
                 parent: None,
                 limits: Default::default(),

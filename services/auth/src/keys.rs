@@ -11,10 +11,10 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
+use crate::signing::SigningKey;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use toka_shared::api::auth::{JwksReply, RotateReply};
-use toka_shared::runtime::token::SigningKey;
+use toka_contract::api::auth::{JwksReply, RotateReply};
 
 /// Why the key store failed.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,5 @@
 //! The `toka-auth` binary: `toka-auth --help` explains its options and configuration.
 
 fn main() -> std::process::ExitCode {
-    toka_shared::runtime::cli::main(toka_auth::SERVICE_NAME, toka_auth::DESCRIPTION, toka_auth::run)
+    toka_runtime::cli::main(toka_auth::SERVICE_NAME, toka_auth::DESCRIPTION, toka_auth::run)
 }

@@ -14,9 +14,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use toka_contract::spec::{AgentSpec, Principal, QueueName, ResourceLimits, RetryPolicy, TaskSpec, Timeouts};
+use toka_contract::{Action, AgentId, Capability, Event, OpId, Operation, Pattern};
 use toka_kernel::machine::{Authority, Ctx, Outcome, State};
-use toka_shared::spec::{AgentSpec, Principal, QueueName, ResourceLimits, RetryPolicy, TaskSpec, Timeouts};
-use toka_shared::{Action, AgentId, Capability, Event, OpId, Operation, Pattern};
 
 const AGENTS: usize = 64;
 
@@ -81,7 +81,7 @@ fn apply_mix(c: &mut Criterion) {
         Pattern::Queue(queue.clone()),
         &[Action::Claim, Action::Heartbeat, Action::Complete, Action::Fail],
     )];
-    let kind: toka_shared::spec::ObservationKind = "tool.call".parse().unwrap();
+    let kind: toka_contract::spec::ObservationKind = "tool.call".parse().unwrap();
 
     let mut group = c.benchmark_group("apply");
     group.throughput(Throughput::Elements(5));

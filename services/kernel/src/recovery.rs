@@ -12,15 +12,12 @@
 use std::io::Read as _;
 
 use base64::Engine as _;
-use toka_shared::api::storage::{
-    HeadReply, HeadRequest, ReadReply, ReadRequest, SnapshotGetReply, SnapshotGetRequest, SnapshotPutReply,
-    SnapshotPutRequest,
-};
-use toka_shared::record::{Hash, LogName, verify_chain};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{Operation, subject};
+use toka_contract::api::storage::{ReadRequest, SnapshotGetRequest, SnapshotPutRequest};
+use toka_contract::record::{Hash, LogName, verify_chain};
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_runtime::bus::RequestError;
 
+use crate::log::KernelLog;
 use crate::machine::{self, State};
 
 /// The largest snapshot chunk, base64, kept well under NATS's payload limit.
@@ -63,14 +60,14 @@ pub struct Recovered {
     pub replayed: u64,
 }
 
-async fn load_snapshot(bus: &Bus) -> Result<Option<State>, Error> {
+async fn load_snapshot(log: &impl KernelLog) -> Result<Option<State>, Error> {
     let mut chunks = Vec::new();
     let mut expected: Option<(u64, Hash, u32)> = None;
     loop {
         let chunk = chunks.len() as u32;
         let at_or_before = expected.map(|(seq, _, _)| seq);
         let request = SnapshotGetRequest { log: LogName::Kernel, at_or_before, chunk };
-        let reply: SnapshotGetReply = match bus.request(subject::STORAGE_SNAPSHOT_GET.subject, &request).await {
+        let reply = match log.snapshot_get(request).await {
             Ok(reply) => reply,
             Err(RequestError::Remote(e)) if e.code == ErrorCode::NotFound && expected.is_none() => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -93,8 +90,8 @@ async fn load_snapshot(bus: &Bus) -> Result<Option<State>, Error> {
 }
 
 /// Loads the newest snapshot and replays the log after it up to the head.
-pub async fn recover(bus: &Bus, idempotency_window: u64) -> Result<Recovered, Error> {
-    let snapshot = load_snapshot(bus).await?;
+pub async fn recover(log: &impl KernelLog, idempotency_window: u64) -> Result<Recovered, Error> {
+    let snapshot = load_snapshot(log).await?;
     let snapshot_seq = snapshot.as_ref().map_or(0, State::last_seq);
     let mut state = snapshot.unwrap_or_else(|| State::new(idempotency_window));
     let mut prev: Option<(u64, Hash)> = None;
@@ -103,10 +100,10 @@ pub async fn recover(bus: &Bus, idempotency_window: u64) -> Result<Recovered, Er
         let request = ReadRequest {
             log: LogName::Kernel,
             from_seq: state.last_seq() + 1,
-            max_records: toka_shared::api::MAX_PAGE,
-            max_bytes: toka_shared::api::storage::MAX_READ_BYTES,
+            max_records: toka_contract::api::MAX_PAGE,
+            max_bytes: toka_contract::api::storage::MAX_READ_BYTES,
         };
-        let page: ReadReply<Operation> = bus.request(subject::STORAGE_READ.subject, &request).await?;
+        let page = log.read(request).await?;
         if page.records.is_empty() {
             break;
         }
@@ -124,7 +121,7 @@ pub async fn recover(bus: &Bus, idempotency_window: u64) -> Result<Recovered, Er
             break;
         }
     }
-    let head: HeadReply = bus.request(subject::STORAGE_HEAD.subject, &HeadRequest { log: LogName::Kernel }).await?;
+    let head = log.head().await?;
     if head.seq != state.last_seq() {
         return Err(Error::Corrupt(format!("replayed to {} but the head is {}", state.last_seq(), head.seq)));
     }
@@ -163,7 +160,7 @@ fn unpack_at_most(stored: Vec<u8>, max: u64) -> Result<Vec<u8>, String> {
 
 /// Uploads `stored` (what [`pack`] made of the state after `seq`, whose encoding hashes to
 /// `state_hash`) in chunks.
-pub async fn put_snapshot(bus: &Bus, seq: u64, state_hash: Hash, stored: &[u8]) -> Result<(), WireError> {
+pub async fn put_snapshot(log: &impl KernelLog, seq: u64, state_hash: Hash, stored: &[u8]) -> Result<(), WireError> {
     let text = base64::engine::general_purpose::STANDARD.encode(stored);
     let pieces: Vec<&str> =
         text.as_bytes().chunks(CHUNK_BYTES).map(|c| std::str::from_utf8(c).unwrap_or_default()).collect();
@@ -177,16 +174,15 @@ pub async fn put_snapshot(bus: &Bus, seq: u64, state_hash: Hash, stored: &[u8]) 
             chunks,
             data: (*data).to_owned(),
         };
-        let _: SnapshotPutReply =
-            bus.request(subject::STORAGE_SNAPSHOT_PUT.subject, &request).await.map_err(|e| e.to_wire())?;
+        log.snapshot_put(request).await.map_err(|e| e.to_wire())?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use toka_shared::spec::AgentSpec;
-    use toka_shared::{AgentId, OpId};
+    use toka_contract::spec::AgentSpec;
+    use toka_contract::{AgentId, OpId, Operation};
 
     use super::*;
     use crate::machine::{Authority, Ctx};
@@ -194,7 +190,7 @@ mod tests {
     /// A state after `n` operations: a root agent and observations on it, each remembered
     /// with its operation and events for idempotent retries, as under load.
     fn state_after(n: u64) -> State {
-        let operator: toka_shared::spec::Principal = "operator".parse().unwrap();
+        let operator: toka_contract::spec::Principal = "operator".parse().unwrap();
         let mut state = State::new(1_000);
         let mut root = None;
         for seq in 1..=n {

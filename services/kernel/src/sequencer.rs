@@ -9,20 +9,21 @@
 //! takes operations again. Ticks come from the sequencer's own clock, as logged operations,
 //! when a task deadline has passed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
-use toka_shared::api::storage::{AppendReply, AppendRequest};
-use toka_shared::capability::Pattern;
-use toka_shared::record::{Hash, Record};
-use toka_shared::runtime::bus::{Bus, RequestError};
-use toka_shared::runtime::now_us;
-use toka_shared::spec::Principal;
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{Capability, Event, KernelRecord, OpId, Operation, subject};
+use toka_contract::api::storage::{AppendReply, AppendRequest};
+use toka_contract::capability::Pattern;
+use toka_contract::record::{Chain, Hash};
+use toka_contract::spec::Principal;
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_contract::{Capability, Event, KernelRecord, OpId, Operation};
+use toka_runtime::bus::RequestError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::log::KernelLog;
 use crate::machine::{self, Authority, Ctx, Outcome, State};
 use crate::recovery;
 
@@ -96,6 +97,32 @@ impl std::fmt::Debug for Input {
     }
 }
 
+/// The sequencer's clock: microseconds since the Unix epoch.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Clock {
+        Clock(Arc::new(toka_runtime::now_us))
+    }
+
+    /// A clock reading `now`.
+    pub fn new(now: impl Fn() -> u64 + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(now))
+    }
+
+    fn now_us(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
+}
+
 /// The sequencer's settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -111,6 +138,8 @@ pub struct Settings {
     pub snapshot_every: u64,
     /// The idempotency window for a state rebuilt from nothing.
     pub idempotency_window: u64,
+    /// The time the sequencer stamps on operations and compares deadlines with.
+    pub clock: Clock,
 }
 
 /// Something waiting on a batch: called with the batch's outcome.
@@ -134,9 +163,9 @@ fn unavailable(why: &str) -> WireError {
 
 type AppendResult = (Result<AppendReply, RequestError>, Vec<Waiter>, u64);
 
-/// The sequencer task.
-pub struct Sequencer {
-    bus: Bus,
+/// The sequencer task, appending to the log `L`.
+pub struct Sequencer<L> {
+    log: L,
     settings: Settings,
     state: State,
     head_hash: Hash,
@@ -148,19 +177,19 @@ pub struct Sequencer {
     hash: watch::Sender<(u64, Hash)>,
 }
 
-impl std::fmt::Debug for Sequencer {
+impl<L> std::fmt::Debug for Sequencer<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sequencer").field("seq", &self.state.last_seq()).finish_non_exhaustive()
     }
 }
 
-impl Sequencer {
+impl<L: KernelLog> Sequencer<L> {
     /// A sequencer continuing from `recovered`; `hash` reports (durable seq, state hash) after
     /// each commit that leaves nothing pending.
-    pub fn new(bus: Bus, settings: Settings, recovered: recovery::Recovered, hash: watch::Sender<(u64, Hash)>) -> Self {
+    pub fn new(log: L, settings: Settings, recovered: recovery::Recovered, hash: watch::Sender<(u64, Hash)>) -> Self {
         let last_snapshot = recovered.snapshot_seq;
         Sequencer {
-            bus,
+            log,
             settings,
             state: recovered.state,
             head_hash: recovered.head_hash,
@@ -283,24 +312,15 @@ impl Sequencer {
         authority: Authority<'_>,
     ) -> Result<Accepted, WireError> {
         let seq = self.state.last_seq() + 1;
-        let time_us = now_us().max(self.state.last_time_us());
+        let time_us = self.settings.clock.now_us().max(self.state.last_time_us());
         let ctx = Ctx { seq, time_us, op_id, principal, authority };
         match self.state.apply(op, &ctx) {
             Ok(Outcome::Applied(events)) => {
-                let unsealed = Record {
-                    seq,
-                    op_id,
-                    principal: principal.clone(),
-                    time_us,
-                    op: op.clone(),
-                    events: events.clone(),
-                    prev_hash: self.head_hash,
-                    hash: Hash::ZERO,
-                };
-                let (record, size) = unsealed
-                    .sealed()
+                let mut chain = Chain { seq: seq - 1, hash: self.head_hash };
+                let (record, size) = chain
+                    .seal(op_id, principal.clone(), time_us, op.clone(), events.clone())
                     .map_err(|e| WireError::new(ErrorCode::Internal, format!("sealing record {seq}: {e}")))?;
-                self.head_hash = record.hash;
+                self.head_hash = chain.hash;
                 self.pending.bytes += size;
                 self.pending.sizes.push(size);
                 self.pending.records.push(record);
@@ -316,7 +336,7 @@ impl Sequencer {
 
     /// Issues a tick when a deadline has passed.
     fn tick(&mut self) {
-        let now = now_us();
+        let now = self.settings.clock.now_us();
         if self.state.next_deadline_us().is_none_or(|d| d > now) {
             return;
         }
@@ -357,10 +377,10 @@ impl Sequencer {
         self.pending = rest;
         let last_seq = batch.records.last().map_or(0, |r| r.seq);
         let request = AppendRequest { expected_seq: batch.records[0].seq, records: batch.records };
-        let bus = self.bus.clone();
+        let log = self.log.clone();
         let waiters = batch.waiters;
         self.in_flight.push_back(Box::pin(async move {
-            let result = bus.request(subject::STORAGE_APPEND_KERNEL.subject, &request).await;
+            let result = log.append(request).await;
             (result, waiters, last_seq)
         }));
     }
@@ -421,7 +441,7 @@ impl Sequencer {
         let mut wait = Duration::from_millis(100);
         loop {
             refuse_queued(inputs);
-            match recovery::recover(&self.bus, self.settings.idempotency_window).await {
+            match recovery::recover(&self.log, self.settings.idempotency_window).await {
                 Ok(recovered) => {
                     tracing::info!(seq = recovered.state.last_seq(), replayed = recovered.replayed, "state rebuilt");
                     self.state = recovered.state;
@@ -458,7 +478,7 @@ impl Sequencer {
         let started = std::time::Instant::now();
         let state = self.state.clone();
         let pause_us = started.elapsed().as_micros() as u64;
-        let bus = self.bus.clone();
+        let log = self.log.clone();
         self.snapshotting = Some(tokio::spawn(async move {
             let started = std::time::Instant::now();
             let packed = tokio::task::spawn_blocking(move || {
@@ -473,7 +493,7 @@ impl Sequencer {
             };
             let encode_ms = started.elapsed().as_millis() as u64;
             let started = std::time::Instant::now();
-            match recovery::put_snapshot(&bus, seq, state_hash, &stored).await {
+            match recovery::put_snapshot(&log, seq, state_hash, &stored).await {
                 Ok(()) => {
                     let upload_ms = started.elapsed().as_millis() as u64;
                     let stored_bytes = stored.len();
@@ -502,3 +522,6 @@ fn refuse_queued(inputs: &mut mpsc::Receiver<Input>) {
         refuse(input);
     }
 }
+
+#[cfg(test)]
+mod tests;

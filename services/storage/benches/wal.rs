@@ -14,9 +14,9 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use toka_shared::record::{Hash, LogName, Record};
-use toka_shared::spec::{RetryPolicy, TaskSpec, Timeouts};
-use toka_shared::{AgentId, Event, OpId, Operation, TaskId};
+use toka_contract::record::{Hash, LogName, Record};
+use toka_contract::spec::{RetryPolicy, TaskSpec, Timeouts};
+use toka_contract::{AgentId, Event, OpId, Operation, TaskId};
 use toka_storage::wal::memory::MemoryWal;
 use toka_storage::wal::sqlite::SqliteWal;
 use toka_storage::wal::{EventKey, StoredRecord, Wal};

@@ -4,10 +4,10 @@
 
 use serde::Deserialize as _;
 use serde_json::Value;
-use toka_shared::Event;
-use toka_shared::record::{self, Hash, LogName};
-use toka_shared::schema::Registry;
-use toka_shared::wire::{ErrorCode, WireError};
+use toka_contract::Event;
+use toka_contract::record::{self, Hash, LogName};
+use toka_contract::schema::Registry;
+use toka_contract::wire::{ErrorCode, WireError};
 
 use crate::publish::Outbox;
 use crate::wal::{EventKey, StoredRecord};
@@ -129,8 +129,8 @@ fn checked(body: &Value, keep_events: bool) -> Result<(Vec<StoredRecord>, Record
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use toka_shared::record::Record;
-    use toka_shared::{AgentId, KernelRecord, OpId, Operation};
+    use toka_contract::record::Record;
+    use toka_contract::{AgentId, KernelRecord, OpId, Operation};
 
     use super::*;
 

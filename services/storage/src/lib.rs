@@ -22,24 +22,24 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use toka_shared::api::MAX_PAGE;
-use toka_shared::api::storage::{
+use toka_contract::api::MAX_PAGE;
+use toka_contract::api::storage::{
     AppendReply, EventAddress, HeadReply, HeadRequest, LogStatus, QueryHit, QueryReply, QueryRequest, ReadRequest,
     SnapshotGetReply, SnapshotGetRequest, SnapshotPutReply, SnapshotPutRequest, StatusReply, StatusRequest,
     VerifyReply, VerifyRequest,
 };
-use toka_shared::record::{ChainBreak, LogName, Record};
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
-use toka_shared::runtime::host::{self, Host};
-use toka_shared::schema::{Contract, ReplyContract};
-use toka_shared::subject;
-use toka_shared::wire::{ErrorCode, WireError};
+use toka_contract::record::{ChainBreak, LogName, Record};
+use toka_contract::schema::{Contract, ReplyContract};
+use toka_contract::subject;
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_runtime::bus::Bus;
+use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
+use toka_runtime::host::{self, Host};
 
 use crate::writer::{Busy, WalHandle};
 
 /// The name this service registers with the NATS services API.
-pub const SERVICE_NAME: &str = toka_shared::subject::service::STORAGE;
+pub const SERVICE_NAME: &str = toka_contract::subject::service::STORAGE;
 
 /// What `--help` and the services API say the service is.
 pub const DESCRIPTION: &str =
@@ -105,7 +105,7 @@ pub struct Config {
     pub storage: StorageConfig,
 }
 
-toka_shared::service_config!(Config);
+toka_runtime::service_config!(Config);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +259,7 @@ async fn verify(wal: &WalHandle, req: VerifyRequest) -> Result<VerifyReply, Wire
     let mut prev = match anchor {
         Some(r) if r.seq + 1 == from => (r.seq, r.hash),
         Some(r) if r.seq == from => (from - 1, r.prev_hash),
-        _ => (from.saturating_sub(1), toka_shared::Hash::ZERO),
+        _ => (from.saturating_sub(1), toka_contract::Hash::ZERO),
     };
     let mut verified = 0;
     let mut next = from;
@@ -279,7 +279,7 @@ async fn verify(wal: &WalHandle, req: VerifyRequest) -> Result<VerifyReply, Wire
                 }
             }
         }
-        match toka_shared::record::verify_chain(&records, prev.0, prev.1) {
+        match toka_contract::record::verify_chain(&records, prev.0, prev.1) {
             Ok(last) => {
                 verified += records.len() as u64;
                 prev = last;

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use serde_json::Value;
-use toka_shared::Event;
-use toka_shared::envelope::{Envelope, message_id};
-use toka_shared::record::{LogName, Record};
-use toka_shared::subject;
+use toka_contract::Event;
+use toka_contract::envelope::{Envelope, message_id};
+use toka_contract::record::{LogName, Record};
+use toka_contract::subject;
 use tokio::sync::watch;
 
 use crate::writer::WalHandle;

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use toka_shared::record::LogName;
+use toka_contract::record::LogName;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::publish::Outbox;

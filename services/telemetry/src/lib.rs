@@ -10,18 +10,18 @@
 use std::future::Future;
 use std::time::Duration;
 
-use toka_shared::runtime::bus::Bus;
-use toka_shared::runtime::host::{self, Host};
+use toka_runtime::bus::Bus;
+use toka_runtime::host::{self, Host};
 
 /// The name this service registers with the NATS services API.
-pub const SERVICE_NAME: &str = toka_shared::subject::service::TELEMETRY;
+pub const SERVICE_NAME: &str = toka_contract::subject::service::TELEMETRY;
 
 /// What `--help` and the services API say the service is.
 pub const DESCRIPTION: &str = "Toka telemetry: OpenTelemetry export, Prometheus metrics, dashboard and event analyzers";
 
 /// The service's configuration: so far only the sections every service has
 /// (`--dump-config` prints every key).
-pub type Config = toka_shared::runtime::config::Common;
+pub type Config = toka_runtime::config::Common;
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,10 @@
 //! ([`Error::rule`]) and the wire code it maps to ([`Error::code`]); the table is in
 //! `ARCHITECTURE.md`. A refusal changes nothing and is not logged.
 
-use toka_shared::api::kernel::{AgentState, TaskState};
-use toka_shared::spec::QueueName;
-use toka_shared::wire::{ErrorCode, WireError};
-use toka_shared::{Action, AgentId, OpId, TaskId};
+use toka_contract::api::kernel::{AgentState, TaskState};
+use toka_contract::spec::QueueName;
+use toka_contract::wire::{ErrorCode, WireError};
+use toka_contract::{Action, AgentId, OpId, TaskId};
 
 /// A refused operation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

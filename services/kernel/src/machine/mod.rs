@@ -20,12 +20,12 @@ use std::collections::BTreeMap;
 use imbl::{OrdMap, OrdSet, Vector};
 
 use serde::{Deserialize, Serialize};
-use toka_shared::api::kernel::{AgentState, AgentView, ResourceUsage, TaskState, TaskView};
-use toka_shared::capability::{self, Lineage, Target};
-use toka_shared::event::{ResourceKind, TimeoutKind};
-use toka_shared::op::{Requirement, Resource};
-use toka_shared::spec::{AgentName, AgentSpec, ObservationKind, Principal, QueueName, TaskSpec};
-use toka_shared::{AgentId, Capability, Event, KernelRecord, OpId, Operation, TaskId};
+use toka_contract::api::kernel::{AgentState, AgentView, ResourceUsage, TaskState, TaskView};
+use toka_contract::capability::{self, Lineage, Target};
+use toka_contract::event::{ResourceKind, TimeoutKind};
+use toka_contract::op::{Requirement, Resource};
+use toka_contract::spec::{AgentName, AgentSpec, ObservationKind, Principal, QueueName, TaskSpec};
+use toka_contract::{AgentId, Capability, Event, KernelRecord, OpId, Operation, TaskId};
 
 pub use error::Error;
 pub use snapshot::{FORMAT_VERSION, SnapshotError, hash_encoded};
@@ -653,7 +653,7 @@ impl State {
             self.finish(id, TaskState::Parked);
             return vec![event(None), Event::TaskParked { task: id, attempts: attempt, reason }];
         }
-        let policy = toka_shared::spec::RetryPolicy {
+        let policy = toka_contract::spec::RetryPolicy {
             max_attempts: task.max_attempts,
             initial_backoff_us: task.initial_backoff_us,
             backoff_multiplier_pct: task.backoff_multiplier_pct,
@@ -778,7 +778,7 @@ impl State {
             parent: a.parent,
             state: a.state,
             children: u32::try_from(a.children.len()).unwrap_or(u32::MAX),
-            limits: toka_shared::spec::ResourceLimits {
+            limits: toka_contract::spec::ResourceLimits {
                 memory_bytes: a.memory_limit,
                 cpu_millicores: a.cpu_limit,
                 io_bytes: a.io_limit,
@@ -820,8 +820,8 @@ impl State {
 
     /// Whether `caps` allow `action` on `target`, descendant patterns resolved against the tree
     /// (queries check reads with it).
-    pub fn permits(&self, caps: &[Capability], action: toka_shared::Action, target: Target<'_>) -> bool {
-        toka_shared::capability::allows(caps, action, target, &Tree(&self.agents))
+    pub fn permits(&self, caps: &[Capability], action: toka_contract::Action, target: Target<'_>) -> bool {
+        toka_contract::capability::allows(caps, action, target, &Tree(&self.agents))
     }
 
     /// Of `caps`, the one that covers `pattern` with the most actions (descent resolved against
@@ -829,7 +829,7 @@ impl State {
     pub fn widest_covering<'c>(
         &self,
         caps: &'c [Capability],
-        pattern: &toka_shared::capability::Pattern,
+        pattern: &toka_contract::capability::Pattern,
     ) -> Option<&'c Capability> {
         caps.iter().filter(|c| c.resource.covers(pattern, &Tree(&self.agents))).max_by_key(|c| c.actions.iter().count())
     }

@@ -12,9 +12,9 @@
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
-use toka_shared::record::Hash;
-use toka_shared::spec::{ResourceLimits, RetryPolicy, Timeouts};
-use toka_shared::{Action, Pattern, Record};
+use toka_contract::record::Hash;
+use toka_contract::spec::{ResourceLimits, RetryPolicy, Timeouts};
+use toka_contract::{Action, Pattern, Record};
 
 use super::*;
 
@@ -349,7 +349,7 @@ impl Run {
                 "retry not recognised after replay"
             );
         }
-        toka_shared::record::verify_chain(&self.log, 0, Hash::ZERO).unwrap();
+        toka_contract::record::verify_chain(&self.log, 0, Hash::ZERO).unwrap();
     }
 }
 

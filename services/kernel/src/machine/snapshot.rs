@@ -10,7 +10,7 @@
 //! events kept for idempotent retries) are embedded as their JSON text, which is canonical too.
 //! A change to the state layout bumps [`FORMAT_VERSION`]; restore refuses other versions.
 
-use toka_shared::Hash;
+use toka_contract::Hash;
 
 use super::State;
 

@@ -1,9 +1,9 @@
 //! One test per operation and per refusal rule. Every refusal is also checked to leave the
 //! state byte-for-byte unchanged, and every test's log is replayed at the end.
 
-use toka_shared::record::Hash;
-use toka_shared::spec::{ResourceLimits, RetryPolicy, Timeouts};
-use toka_shared::{Action, Pattern, Record};
+use toka_contract::record::Hash;
+use toka_contract::spec::{ResourceLimits, RetryPolicy, Timeouts};
+use toka_contract::{Action, Pattern, Record};
 
 use super::*;
 
@@ -158,7 +158,7 @@ impl Harness {
             fresh.replay(r).unwrap();
         }
         assert_eq!(fresh.hash().unwrap(), self.state.hash().unwrap());
-        toka_shared::record::verify_chain(&self.log, 0, Hash::ZERO).unwrap();
+        toka_contract::record::verify_chain(&self.log, 0, Hash::ZERO).unwrap();
     }
 }
 

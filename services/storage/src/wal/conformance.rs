@@ -2,7 +2,7 @@
 //! log contiguous, refuses anything but an identical retry at a taken sequence, reads back what
 //! it acknowledged, and keeps snapshots, compaction and publishing progress straight.
 
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 use super::memory::MemoryWal;
 use super::sqlite::SqliteWal;

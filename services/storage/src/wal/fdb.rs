@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use foundationdb::options::StreamingMode;
 use foundationdb::{Database, FdbBindingError, RangeOption, RetryableTransaction};
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 use super::fdb_layout::{self as layout, Layout};
 use super::{

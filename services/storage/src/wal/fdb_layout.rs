@@ -21,7 +21,7 @@
 use std::ops::Range;
 
 use foundationdb_tuple::Subspace;
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 /// FoundationDB's largest value, in bytes.
 pub const VALUE_LIMIT: usize = 100_000;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 use super::{
     Appended, Error, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk, compaction_limit,

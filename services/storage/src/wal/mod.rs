@@ -11,7 +11,7 @@
 //! checks only what needs its state: that a batch continues the log's head. Every backend passes
 //! the same conformance suite (`wal::conformance`).
 
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 #[cfg(feature = "fdb")]
 pub mod fdb;

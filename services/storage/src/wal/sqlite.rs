@@ -23,7 +23,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OptionalExtension as _, params};
-use toka_shared::record::{Hash, LogName};
+use toka_contract::record::{Hash, LogName};
 
 use super::{
     Appended, Error, EventKey, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk,

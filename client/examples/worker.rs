@@ -1,0 +1,57 @@
+//! An example worker: claims tasks from a queue of the local stack, "handles" each by
+//! counting the words of its payload, and completes it with the count; stops on Ctrl-C.
+//!
+//! ```sh
+//! make run   # in another terminal
+//! TOKEN=$(target/release/toka token issue --sub worker-1 --cap 'task:demo=claim,heartbeat,complete,fail' --ttl 1h)
+//! cargo run -p toka-client --example worker -- --queue demo --token "$TOKEN"
+//! ```
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use toka_client::worker::{Claimed, Failure, Worker};
+use toka_client::{Client, NatsConfig};
+
+#[derive(Debug, Parser)]
+#[command(about = "Claim tasks from a Toka queue and complete them")]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Client nkey seed file.
+    #[arg(long, default_value = "data/creds/client.nk")]
+    creds: PathBuf,
+    /// The queue to work.
+    #[arg(long)]
+    queue: String,
+    /// A token with claim, heartbeat, complete and fail on `task:<queue>`.
+    #[arg(long, env = "TOKA_WORKER_TOKEN")]
+    token: String,
+    /// Heartbeat interval in milliseconds while a task runs.
+    #[arg(long, default_value_t = 1_000)]
+    heartbeat_ms: u64,
+}
+
+async fn handle(task: Claimed) -> Result<String, Failure> {
+    if task.payload.is_empty() {
+        return Err(Failure { error: "empty payload".into(), retryable: false });
+    }
+    Ok(format!("{} words", task.payload.split_whitespace().count()))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let config = NatsConfig { url: args.nats_url, nkey_seed_file: Some(args.creds), ..Default::default() };
+    let client = Client::connect(&config, "toka-example-worker", args.token).await?;
+    let worker = Worker::new(client, args.queue.parse()?, format!("example-{}", std::process::id()));
+    eprintln!("working queue {}; Ctrl-C stops", args.queue);
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let done = worker.run(Duration::from_millis(args.heartbeat_ms), handle, stop).await;
+    eprintln!("stopped after {done} tasks");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! Auth's configuration (`toka-auth --dump-config` prints every key with its default).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
+use toka_runtime::limit::Rate;
+
+/// Auth's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Where the signing keys are kept (`keys.json`, mode 0600); every replica mounts the same
+    /// directory.
+    pub key_dir: PathBuf,
+    /// A file (mode 0600) holding the admin key, the credential that may issue the first
+    /// tokens. Without it, only tokens holding `issue` on `token:*` can issue.
+    pub admin_key_file: Option<PathBuf>,
+    /// The principal the admin key acts as, in audit records.
+    pub admin_principal: String,
+    /// How often the signing key rotates, in milliseconds.
+    pub rotate_every_ms: u64,
+    /// The longest lifetime of a token, in milliseconds; a retired key keeps verifying this
+    /// long (plus the leeway) after its rotation.
+    pub max_token_ttl_ms: u64,
+    /// The deepest delegation chain.
+    pub max_delegation_depth: u8,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_s: u64,
+    /// How often the revocation heartbeat is published, in milliseconds.
+    pub heartbeat_ms: u64,
+    /// The rotation lease's time to live, in milliseconds (renewed every third of it).
+    pub lease_ttl_ms: u64,
+    /// How often aggregated denials are written (and the audit log re-read), in milliseconds.
+    pub audit_interval_ms: u64,
+    /// This replica's name (letters, digits, `-`, `_`); random when empty.
+    pub instance: String,
+    /// Rate limits per principal for each operation class: `issue`, `delegate`, `revoke`,
+    /// `rotate`, and `read` (JWKS and revocations, for all callers together).
+    pub rate_limits: BTreeMap<String, Rate>,
+}
+
+impl AuthConfig {
+    /// How long a retired key keeps verifying after its rotation: the longest token lifetime
+    /// plus the leeway, in microseconds.
+    pub fn overlap_us(&self) -> u64 {
+        self.max_token_ttl_ms.saturating_mul(1_000).saturating_add(self.leeway_s.saturating_mul(1_000_000))
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            key_dir: PathBuf::from("data/auth"),
+            admin_key_file: None,
+            admin_principal: "admin".to_owned(),
+            rotate_every_ms: 24 * 3_600_000,
+            max_token_ttl_ms: 24 * 3_600_000,
+            max_delegation_depth: 5,
+            leeway_s: 5,
+            heartbeat_ms: 1_000,
+            lease_ttl_ms: 15_000,
+            audit_interval_ms: 1_000,
+            instance: String::new(),
+            rate_limits: BTreeMap::from([
+                ("issue".to_owned(), Rate::new(100, 200)),
+                ("delegate".to_owned(), Rate::new(1_000, 2_000)),
+                ("revoke".to_owned(), Rate::new(100, 200)),
+                ("rotate".to_owned(), Rate::new(1, 3)),
+                ("read".to_owned(), Rate::new(1_000, 2_000)),
+            ]),
+        }
+    }
+}
+
+/// The service's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Admin HTTP probes and metrics.
+    pub admin: AdminConfig,
+    /// Logs, traces and metrics.
+    pub telemetry: TelemetryConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// Tokens and keys.
+    pub auth: AuthConfig,
+}
+
+toka_runtime::service_config!(Config);

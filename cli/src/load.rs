@@ -13,8 +13,8 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use serde::Serialize;
 use toka_contract::api::storage::{AppendReply, AppendRequest, HeadReply, HeadRequest};
-use toka_contract::record::{LogName, Record};
-use toka_contract::spec::{RetryPolicy, TaskSpec, Timeouts};
+use toka_contract::record::{Chain, LogName};
+use toka_contract::spec::{Principal, QueueName, RetryPolicy, TaskSpec, Timeouts};
 use toka_contract::wire::Reply;
 use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation, TaskId, subject};
 use toka_runtime::bus::Bus;
@@ -58,34 +58,27 @@ struct Outcome {
     latency_us: BTreeMap<&'static str, u64>,
 }
 
-fn generate(after: (u64, toka_contract::Hash), n: u64) -> anyhow::Result<Vec<KernelRecord>> {
-    let mut prev = after.1;
+/// `n` records of `task.schedule` on queue `load` sealed onto `chain`.
+fn generate(chain: &mut Chain, n: u64) -> anyhow::Result<Vec<KernelRecord>> {
+    let queue: QueueName = "load".parse()?;
+    let principal: Principal = "operator".parse()?;
     let mut out = Vec::with_capacity(n as usize);
-    let queue: toka_contract::spec::QueueName = "load".parse()?;
-    for seq in after.0 + 1..=after.0 + n {
-        let time = 1_764_150_000_000_000 + seq;
-        let agent = AgentId::mint(time, 1, 0);
-        let task = TaskId::mint(time, seq, 0);
+    for _ in 0..n {
+        let (seq, time) = (chain.seq + 1, 1_764_150_000_000_000 + chain.seq + 1);
+        let (agent, task) = (AgentId::mint(time, 1, 0), TaskId::mint(time, seq, 0));
+        let payload = "x".repeat(120);
         let spec = TaskSpec {
             agent,
             queue: queue.clone(),
-            payload: "x".repeat(120),
+            payload,
             priority: 5,
             timeouts: Timeouts::default(),
             retry: RetryPolicy::default(),
         };
         let events = vec![Event::TaskScheduled { task, agent, queue: queue.clone(), priority: 5 }];
-        let r = Record::seal(
-            seq,
-            OpId::mint(time, seq, 2),
-            "operator".parse()?,
-            time,
-            Operation::ScheduleTask(spec),
-            events,
-            prev,
-        )?;
-        prev = r.hash;
-        out.push(r);
+        out.push(
+            chain.seal(OpId::mint(time, seq, 2), principal.clone(), time, Operation::ScheduleTask(spec), events)?.0,
+        );
     }
     Ok(out)
 }
@@ -112,7 +105,7 @@ pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
         head.seq + 1
     );
     eprintln!("generating and sealing {} records...", load.records + load.warmup);
-    let records = generate((head.seq, head.hash), load.records + load.warmup)?;
+    let records = generate(&mut Chain { seq: head.seq, hash: head.hash }, load.records + load.warmup)?;
     let payloads: Vec<Vec<u8>> = records
         .chunks(load.batch.max(1))
         .map(|batch| serde_json::to_vec(&AppendRequest { expected_seq: batch[0].seq, records: batch.to_vec() }))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
+use futures::StreamExt as _;
 use toka_auth::AuthConfig;
 use toka_auth::signing::SigningKey;
 use toka_contract::TokenId;
@@ -26,7 +27,7 @@ use toka_runtime::token::{AUDIENCE, ISSUER, Verifier};
 use toka_runtime::verifier::{LiveVerifier, VerifierConfig};
 
 use crate::assert_eventually;
-use crate::harness::{Nats, Running, TempDir, expect_event, spawn_service};
+use crate::harness::{Nats, Running, TempDir, expect_event, spawn_service, temp_dir};
 use crate::storage::start_storage;
 
 /// Starts auth with its keys in `key_dir`, the test's changes applied to its settings.
@@ -51,21 +52,21 @@ struct Stack {
 impl Stack {
     async fn start(tag: &str) -> Option<Stack> {
         let nats = Nats::start().await?;
-        let dir = TempDir::new(tag);
-        let storage = start_storage(&nats, &dir.0.join("storage")).await;
+        let dir = temp_dir(tag);
+        let storage = start_storage(&nats, &dir.path().join("storage")).await;
         let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
-        toka_runtime::deploy::write_secret(&dir.0.join("admin.key"), &format!("{admin_key}\n")).unwrap();
+        toka_runtime::deploy::write_secret(&dir.path().join("admin.key"), &format!("{admin_key}\n")).unwrap();
         let client = nats.connect(Role::Client).await;
         Some(Stack { nats, dir, _storage: storage, admin_key, client })
     }
 
     fn keys(&self) -> PathBuf {
-        self.dir.0.join("keys")
+        self.dir.path().join("keys")
     }
 
     /// Auth with the admin key configured.
     async fn auth(&self, tweak: impl FnOnce(&mut AuthConfig)) -> Running {
-        let admin_key_file = self.dir.0.join("admin.key");
+        let admin_key_file = self.dir.path().join("admin.key");
         start_auth(&self.nats, &self.keys(), move |c| {
             c.admin_key_file = Some(admin_key_file);
             tweak(c);
@@ -193,7 +194,7 @@ fn assert_refused(result: Result<TokenReply, WireError>, code: ErrorCode, phrase
 async fn tokens_are_issued_only_for_the_configured_admin_key_or_an_issue_token_and_audited() {
     let Some(stack) = Stack::start("auth-issue").await else { return };
     // No admin key configured: nothing is issued, and the error says how to configure one.
-    let bare = start_auth(&stack.nats, &stack.dir.0.join("bare-keys"), |_| {}).await;
+    let bare = start_auth(&stack.nats, &stack.dir.path().join("bare-keys"), |_| {}).await;
     let refused = stack.issue_as(stack.admin(), &read_agents(), 60_000, false).await.unwrap_err();
     assert_eq!(refused.code, ErrorCode::Unauthorized);
     assert!(
@@ -665,7 +666,7 @@ async fn a_token_verifies_with_pyjwt_given_only_the_published_jwks() {
     let _auth = stack.auth(|_| {}).await;
     let token = stack.issue(&read_agents(), 60_000).await;
     let jwks = stack.jwks().await;
-    let jwks_file = stack.dir.0.join("jwks.json");
+    let jwks_file = stack.dir.path().join("jwks.json");
     std::fs::write(&jwks_file, serde_json::to_vec(&jwks).unwrap()).unwrap();
     let script = r#"
 import json, sys, jwt
@@ -694,7 +695,7 @@ print(json.dumps(jwt.decode(token, key=key, algorithms=["EdDSA"], audience="toka
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("auth-wait");
+    let dir = temp_dir("auth-wait");
     let admin = toka_runtime::config::AdminConfig {
         listen: std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(),
     };
@@ -702,7 +703,7 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
     let config = toka_auth::Config {
         nats: nats.config(Role::Auth),
         admin,
-        auth: AuthConfig { key_dir: dir.0.join("keys"), ..AuthConfig::default() },
+        auth: AuthConfig { key_dir: dir.path().join("keys"), ..AuthConfig::default() },
         ..Default::default()
     };
     let bus = nats.connect(Role::Auth).await;
@@ -711,9 +712,14 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
         let _ = stopped.await;
     }));
     assert_eventually!(Duration::from_secs(5), crate::harness::http_get(addr, "/livez").await.0 == 200, "alive");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Auth asks for the audit log's head and, with nobody answering, asks again: it is waiting.
+    let mut asked = nats.connect(Role::Storage).await.client().subscribe(subject::STORAGE_HEAD.subject).await.unwrap();
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), asked.next()).await.expect("auth asks for the head").unwrap();
+    }
     assert_eq!(crate::harness::http_get(addr, "/readyz").await.0, 503, "not ready without the audit log");
-    let _storage = start_storage(&nats, &dir.0.join("storage")).await;
+    drop(asked);
+    let _storage = start_storage(&nats, &dir.path().join("storage")).await;
     assert_eventually!(Duration::from_secs(10), crate::harness::http_get(addr, "/readyz").await.0 == 200, "ready");
     let client = nats.connect(Role::Client).await;
     let jwks: JwksReply = client.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await.unwrap();
@@ -727,8 +733,8 @@ async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_lo
     use toka_auth::revocations::{self, Revocations};
     use toka_runtime::audit::{Entry, Events, Ledger, Settings};
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("audit-writers");
-    let _storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("audit-writers");
+    let _storage = start_storage(&nats, dir.path()).await;
     let settings = Settings { interval: Duration::from_secs(1), commit_timeout: Duration::from_secs(10) };
     let fold = Revocations::new(3_600_000_000);
     let observer: toka_runtime::audit::Observer = std::sync::Arc::new(|_: &Event| {});

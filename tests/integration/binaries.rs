@@ -99,9 +99,9 @@ async fn a_service_exports_its_traces_over_otlp_and_exits_0_on_sigterm() {
         }
     });
     let config = nats.config(Role::Auth);
-    let keys = crate::harness::TempDir::new("otlp-auth");
+    let keys = crate::harness::temp_dir("otlp-auth");
     let mut child = Command::new(binary("toka-auth"))
-        .env("TOKA_AUTH__KEY_DIR", &keys.0)
+        .env("TOKA_AUTH__KEY_DIR", keys.path())
         .env("TOKA_NATS__URL", &config.url)
         .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
         .env("TOKA_ADMIN__LISTEN", "127.0.0.1:0")

@@ -5,20 +5,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use toka_contract::Operation;
 use toka_contract::access::Role;
 use toka_contract::api::service::{HealthReply, HealthRequest};
 use toka_contract::api::storage::{
     AppendReply, AppendRequest, HeadReply, HeadRequest, ReadReply, ReadRequest, StatusReply, StatusRequest,
     VerifyReply, VerifyRequest,
 };
-use toka_contract::record::{Hash, LogName, Record};
+use toka_contract::record::{Hash, LogName};
 use toka_contract::subject::{self, service};
 use toka_contract::wire::ErrorCode;
-use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation};
 use toka_runtime::bus::{Bus, RequestError};
 
 use crate::assert_eventually;
-use crate::harness::{Nats, Running, TempDir, spawn_service};
+use crate::harness::{Nats, Running, records_after, spawn_service, temp_dir};
+use toka_contract::testing::Sample;
 
 /// A small deterministic generator (xorshift64*), seeded and printed so a failure can be rerun.
 struct Rng(u64);
@@ -30,32 +31,6 @@ impl Rng {
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
     }
-}
-
-/// `n` records after (`seq`, `hash`), each with one event, `tag` making them unique.
-fn records_after(after: (u64, Hash), n: u64, tag: u64) -> Vec<KernelRecord> {
-    let mut prev = after.1;
-    (after.0 + 1..=after.0 + n)
-        .map(|seq| {
-            let time = 1_764_150_000_000_000 + seq;
-            let agent = AgentId::mint(time, seq, 0);
-            let op = Operation::EmitObservation { agent, kind: "crash.test".parse().unwrap(), body: format!("{tag}") };
-            let events =
-                vec![Event::ObservationEmitted { agent, kind: "crash.test".parse().unwrap(), body: format!("{tag}") }];
-            let r = Record::seal(
-                seq,
-                OpId::mint(time, seq, (tag % 60_000) as u16),
-                "operator".parse().unwrap(),
-                time,
-                op,
-                events,
-                prev,
-            )
-            .unwrap();
-            prev = r.hash;
-            r
-        })
-        .collect()
 }
 
 fn start_process(nats: &Nats, data_dir: &Path) -> Child {
@@ -86,7 +61,7 @@ async fn head(bus: &Bus) -> (u64, Hash) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_appends_loses_nothing_acknowledged() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("crash");
+    let dir = temp_dir("crash");
     let kernel = nats.connect(Role::Kernel).await;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     eprintln!("crash test seed {seed}");
@@ -95,14 +70,14 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
     let mut tag = 0;
     const ROUNDS: usize = 20;
     for round in 0..ROUNDS {
-        let mut child = start_process(&nats, &dir.0);
+        let mut child = start_process(&nats, dir.path());
         assert_eventually!(Duration::from_secs(20), healthy(&kernel).await, "storage up in round {round}");
         let mut at = head(&kernel).await;
         assert!(at.0 >= acknowledged.last().map_or(0, |a| a.0), "round {round}: the head went back");
         let kill_at = tokio::time::Instant::now() + Duration::from_millis(50 + rng.below(400));
         while tokio::time::Instant::now() < kill_at {
             tag += 1;
-            let batch = records_after(at, 1 + rng.below(40), tag);
+            let batch = records_after(at, 1 + rng.below(40), Sample::Observe(tag));
             let request = AppendRequest { expected_seq: batch[0].seq, records: batch.clone() };
             match kernel.request::<_, AppendReply>(subject::append(LogName::Kernel).subject, &request).await {
                 Ok(reply) => {
@@ -118,7 +93,7 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
         }
         // Kill while an append is in flight.
         tag += 1;
-        let batch = records_after(at, 1 + rng.below(40), tag);
+        let batch = records_after(at, 1 + rng.below(40), Sample::Observe(tag));
         let request = AppendRequest { expected_seq: batch[0].seq, records: batch };
         let in_flight = {
             let kernel = kernel.clone();
@@ -131,14 +106,15 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
         child.wait().unwrap();
         if let Ok(Ok(reply)) = in_flight.await {
             // Acknowledged just before the kill: it must survive too.
-            let records = records_after((reply.first_seq - 1, at.1), reply.last_seq - reply.first_seq + 1, tag);
+            let records =
+                records_after((reply.first_seq - 1, at.1), reply.last_seq - reply.first_seq + 1, Sample::Observe(tag));
             acknowledged.extend(records.iter().map(|r| (r.seq, r.hash)));
         }
     }
 
     // After the last restart, every acknowledged record is there, once, in order, chained, and
     // every committed event reached the stream exactly once.
-    let mut child = start_process(&nats, &dir.0);
+    let mut child = start_process(&nats, dir.path());
     assert_eventually!(Duration::from_secs(20), healthy(&kernel).await, "storage up for the check");
     let (head_seq, _) = head(&kernel).await;
     assert!(head_seq >= acknowledged.len() as u64, "{head_seq} records kept, {} acknowledged", acknowledged.len());
@@ -187,7 +163,7 @@ async fn sigkill_during_appends_loses_nothing_acknowledged() {
     // SIGKILL keeps the page cache, so surviving it proves ordering, not fsync. The durability
     // comes from the WAL's settings, which the service cannot run without: the backend it opens
     // refuses anything but synchronous=FULL, and reports it.
-    let wal = toka_storage::wal::sqlite::SqliteWal::open(&dir.0).unwrap();
+    let wal = toka_storage::wal::sqlite::SqliteWal::open(dir.path()).unwrap();
     assert_eq!(wal.synchronous().unwrap(), 2, "synchronous=FULL: every commit is fsynced before its reply");
 }
 
@@ -204,6 +180,9 @@ fn mount(args: &[&str]) -> bool {
             false
         }
         Err(e) => {
+            if std::env::var("TOKA_REQUIRE_DOCKER").is_ok_and(|v| v == "1") {
+                panic!("mount unavailable: {e}");
+            }
             eprintln!("skipped: mount unavailable: {e}");
             false
         }
@@ -231,23 +210,23 @@ async fn storage_on(nats: &Nats, data_dir: PathBuf) -> Running {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_data_directory_gives_errors_not_loss() {
     let Some(nats) = Nats::start().await else { return };
-    let (base, point) = (TempDir::new("ro-base"), TempDir::new("ro-mount"));
-    if !mount(&["--bind", base.0.to_str().unwrap(), point.0.to_str().unwrap()]) {
+    let (base, point) = (temp_dir("ro-base"), temp_dir("ro-mount"));
+    if !mount(&["--bind", base.path().to_str().unwrap(), point.path().to_str().unwrap()]) {
         return;
     }
-    let _mounted = Mounted(point.0.clone());
+    let _mounted = Mounted(point.path().to_path_buf());
     let kernel = nats.connect(Role::Kernel).await;
-    let first = records_after((0, Hash::ZERO), 5, 1);
-    let storage = storage_on(&nats, point.0.join("wal")).await;
+    let first = records_after((0, Hash::ZERO), 5, Sample::Observe(1));
+    let storage = storage_on(&nats, point.path().join("wal")).await;
     let _: AppendReply = kernel
         .request(subject::append(LogName::Kernel).subject, &AppendRequest { expected_seq: 1, records: first.clone() })
         .await
         .unwrap();
     storage.stop().await.unwrap();
     // The mount turns read-only (as a failing disk is remounted); storage comes back on it.
-    assert!(mount(&["-o", "remount,ro,bind", point.0.to_str().unwrap()]), "remount read-only");
-    let storage = storage_on(&nats, point.0.join("wal")).await;
-    let more = records_after((5, first[4].hash), 5, 2);
+    assert!(mount(&["-o", "remount,ro,bind", point.path().to_str().unwrap()]), "remount read-only");
+    let storage = storage_on(&nats, point.path().join("wal")).await;
+    let more = records_after((5, first[4].hash), 5, Sample::Observe(2));
     let err = kernel
         .request::<_, AppendReply>(
             subject::append(LogName::Kernel).subject,
@@ -274,17 +253,17 @@ async fn a_read_only_data_directory_gives_errors_not_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_gives_errors_not_loss() {
     let Some(nats) = Nats::start().await else { return };
-    let point = TempDir::new("full");
-    if !mount(&["-t", "tmpfs", "-o", "size=2m", "tmpfs", point.0.to_str().unwrap()]) {
+    let point = temp_dir("full");
+    if !mount(&["-t", "tmpfs", "-o", "size=2m", "tmpfs", point.path().to_str().unwrap()]) {
         return;
     }
-    let _mounted = Mounted(point.0.clone());
-    let storage = storage_on(&nats, point.0.join("wal")).await;
+    let _mounted = Mounted(point.path().to_path_buf());
+    let storage = storage_on(&nats, point.path().join("wal")).await;
     let kernel = nats.connect(Role::Kernel).await;
     let mut at = (0, Hash::ZERO);
     let mut refused = None;
     for tag in 0..2_000 {
-        let batch = records_after(at, 200, tag);
+        let batch = records_after(at, 200, Sample::Observe(tag));
         match kernel
             .request::<_, AppendReply>(
                 subject::append(LogName::Kernel).subject,

@@ -1,7 +1,8 @@
 //! The test harness: a secured NATS in a container, services run in-process, and helpers that
 //! wait with bounded patience.
 //!
-//! NATS runs from the local image `toka-nats:2.15.1` (built by `scripts/build-nats-image.sh`;
+//! NATS runs from the local image `toka-nats:<version>` (the version in `scripts/nats.version`,
+//! built by `scripts/build-nats-image.sh`;
 //! nothing can be pulled) with a server configuration generated from `toka_contract::access`, so
 //! every test talks to the same least-privilege bus a deployment gets. Without Docker, container
 //! tests print why they skipped; with `TOKA_REQUIRE_DOCKER=1` (as `.ci/run` sets) they fail.
@@ -10,26 +11,30 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use testcontainers::core::{IntoContainerPort as _, WaitFor};
 use testcontainers::runners::AsyncRunner as _;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt as _};
 use toka_contract::Envelope;
+use toka_contract::KernelRecord;
 use toka_contract::access::{self, Role, ServerSettings};
 use toka_contract::api::storage::{ReadReply, ReadRequest};
-use toka_contract::record::{LogName, Record};
+use toka_contract::record::{Chain, Hash, LogName, Record};
 use toka_contract::schema::{Registry, ReplyContract};
 use toka_contract::subject;
+use toka_contract::testing::{Sample, kernel_records};
 use toka_runtime::bus::Bus;
 use toka_runtime::cli::ShutdownSignal;
 use toka_runtime::config::{AdminConfig, NatsConfig};
 use toka_runtime::deploy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-/// The NATS image the container tests run.
-pub const NATS_IMAGE: (&str, &str) = ("toka-nats", "2.15.1");
+/// The NATS image the container tests run: its name, and its tag, the pinned NATS version.
+pub const NATS_IMAGE: (&str, &str) = ("toka-nats", NATS_VERSION);
+
+/// The NATS version, pinned in one place for the scripts and the tests.
+const NATS_VERSION: &str = include_str!("../../scripts/nats.version").trim_ascii();
 
 /// Polls `$cond` (an async expression giving `bool`) until it holds or `$within` passes.
 #[macro_export]
@@ -48,26 +53,11 @@ macro_rules! assert_eventually {
     }};
 }
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "toka-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory under the system's temporary directory, removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("toka-{tag}-")).tempdir().unwrap()
 }
 
 /// Whether container tests can run here; prints why not, or panics under
@@ -105,12 +95,12 @@ impl Nats {
         if !docker_ready() {
             return None;
         }
-        let dir = TempDir::new("nats");
+        let dir = temp_dir("nats");
         let mut seeds = BTreeMap::new();
         let mut users = Vec::new();
         for role in Role::ALL {
             let (seed, public) = deploy::new_user_key().unwrap();
-            let path = dir.0.join(format!("{}.nk", role.name()));
+            let path = dir.path().join(format!("{}.nk", role.name()));
             deploy::write_secret(&path, &seed).unwrap();
             seeds.insert(role, path);
             users.push((role, public));
@@ -166,6 +156,11 @@ impl Nats {
             records.extend(page.records);
         }
     }
+}
+
+/// `n` sample kernel records of `kind` after (`seq`, `hash`) (`toka_contract::testing`).
+pub fn records_after(after: (u64, Hash), n: u64, kind: Sample) -> Vec<KernelRecord> {
+    kernel_records(&mut Chain { seq: after.0, hash: after.1 }, n, kind)
 }
 
 /// A service running in-process; [`Running::stop`] shuts it down like SIGTERM would.

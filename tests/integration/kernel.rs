@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::assert_eventually;
 use crate::auth::start_auth;
-use crate::harness::{Nats, Running, TempDir, spawn_service};
+use crate::harness::{Nats, Running, TempDir, spawn_service, temp_dir};
 use crate::storage::start_storage;
 
 /// A kernel reporting its (durable seq, state hash).
@@ -57,12 +57,12 @@ struct Stack {
 impl Stack {
     async fn start(tag: &str) -> Option<Stack> {
         let nats = Nats::start().await?;
-        let dir = TempDir::new(tag);
-        let storage = start_storage(&nats, &dir.0.join("storage")).await;
+        let dir = temp_dir(tag);
+        let storage = start_storage(&nats, &dir.path().join("storage")).await;
         let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
-        let key_file = dir.0.join("admin.key");
+        let key_file = dir.path().join("admin.key");
         toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
-        let auth = start_auth(&nats, &dir.0.join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
+        let auth = start_auth(&nats, &dir.path().join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
         let client = nats.connect(Role::Client).await;
         Some(Stack { nats, dir, storage: Some(storage), _auth: auth, admin_key, client })
     }
@@ -434,7 +434,7 @@ async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and
         "callers refused while storage is down"
     );
     let before = acknowledged.lock().unwrap().len();
-    stack.storage = Some(start_storage(&stack.nats, &stack.dir.0.join("storage")).await);
+    stack.storage = Some(start_storage(&stack.nats, &stack.dir.path().join("storage")).await);
     assert_eventually!(Duration::from_secs(15), acknowledged.lock().unwrap().len() >= before + 100, "service resumed");
     stop_load.store(true, Ordering::Relaxed);
     while let Some(done) = load.join_next().await {
@@ -567,7 +567,7 @@ fn recovered_from(stdout: &std::path::Path) -> Option<(u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_log() {
     let Some(stack) = Stack::start("kernel-sigkill").await else { return };
-    let first_out = stack.dir.0.join("kernel-1.log");
+    let first_out = stack.dir.path().join("kernel-1.log");
     let mut first = start_kernel_process(&stack.nats, &first_out);
     assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "kernel process ready");
     let op = Arc::new(stack.operator().await);
@@ -595,7 +595,7 @@ async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_
     first.wait().unwrap();
     let at_kill = acknowledged.lock().unwrap().len();
 
-    let second_out = stack.dir.0.join("kernel-2.log");
+    let second_out = stack.dir.path().join("kernel-2.log");
     let mut second = start_kernel_process(&stack.nats, &second_out);
     assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "restarted kernel ready");
     assert_eventually!(Duration::from_secs(20), acknowledged.lock().unwrap().len() >= at_kill + 100, "load resumed");
@@ -630,7 +630,7 @@ async fn the_load_generator_reports_durable_operations_by_kind_as_json() {
         .args(["load", "kernel", "--nats-url", &stack.nats.url, "--creds"])
         .arg(&seed)
         .arg("--admin-key-file")
-        .arg(stack.dir.0.join("admin.key"))
+        .arg(stack.dir.path().join("admin.key"))
         .args(["--concurrency", "4", "--duration", "2", "--warmup", "0", "--json"])
         .output()
         .await

@@ -15,17 +15,16 @@ use toka_contract::wire::{ERROR_CODE_HEADER, ERROR_HEADER};
 use toka_contract::{AgentId, Envelope, Event};
 use toka_runtime::config::NatsConfig;
 
-use crate::assert_eventually;
 use crate::auth::start_auth;
-use crate::harness::{Nats, Running, TempDir, expect_event, http_get, spawn_service};
+use crate::harness::{Nats, Running, TempDir, expect_event, http_get, spawn_service, temp_dir};
 use crate::storage::start_storage;
 
 /// The four services, in the order they depend on each other (the kernel is ready only once
 /// auth and storage answer; auth only once storage does).
 async fn start_all(nats: &Nats, dir: &TempDir) -> Vec<Running> {
     let mut running = Vec::new();
-    running.push(start_storage(nats, &dir.0.join("storage")).await);
-    running.push(start_auth(nats, &dir.0.join("auth"), |_| {}).await);
+    running.push(start_storage(nats, &dir.path().join("storage")).await);
+    running.push(start_auth(nats, &dir.path().join("auth"), |_| {}).await);
     running.push(
         spawn_service(service::KERNEL, nats, Role::Kernel, |nats, admin, bus, stop| {
             toka_kernel::run(toka_kernel::Config { nats, admin, ..Default::default() }, bus, stop)
@@ -51,7 +50,7 @@ async fn srv(bus: &toka_runtime::bus::Bus, subject: String) -> Option<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_four_services_start_answer_discovery_report_ready_and_drain() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("four");
+    let dir = temp_dir("four");
     let running = start_all(&nats, &dir).await;
     let probe = nats.connect(Role::Telemetry).await;
     let registry = Registry::global();
@@ -99,10 +98,8 @@ async fn the_four_services_start_answer_discovery_report_ready_and_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_trace_context_is_handled_in_the_same_trace() {
     let Some(nats) = Nats::start().await else { return };
-    let storage = spawn_service(service::STORAGE, &nats, Role::Storage, |nats, admin, bus, stop| {
-        toka_storage::run(toka_storage::Config { nats, admin, ..Default::default() }, bus, stop)
-    })
-    .await;
+    let dir = temp_dir("trace");
+    let storage = start_storage(&nats, dir.path()).await;
     let bus = nats.connect(Role::Storage).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut headers = HeaderMap::new();
@@ -128,9 +125,9 @@ async fn a_request_with_trace_context_is_handled_in_the_same_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_request_gets_a_body_and_error_headers_naming_schema_and_pointer() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("bad-request");
-    let _storage = start_storage(&nats, &dir.0.join("storage")).await;
-    let auth = start_auth(&nats, &dir.0.join("auth"), |_| {}).await;
+    let dir = temp_dir("bad-request");
+    let _storage = start_storage(&nats, &dir.path().join("storage")).await;
+    let auth = start_auth(&nats, &dir.path().join("auth"), |_| {}).await;
     let bus = nats.connect(Role::Auth).await;
     for (body, pointer) in [(&br#"{"verbose":true}"#[..], Some("")), (&b"not json"[..], None)] {
         let reply = bus.client().request(subject::AUTH_HEALTH.subject, body.to_vec().into()).await.unwrap();
@@ -195,12 +192,12 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
         .unwrap();
     storage.client().flush().await.unwrap();
 
+    // The server handled the client's publishes (flushed) before the controls, and delivers
+    // in the order it handles: had it let a forged message through, that would come first.
     let first_append = tokio::time::timeout(Duration::from_secs(2), appends.next()).await.unwrap().unwrap();
     assert_eq!(&first_append.payload[..], b"kernel append", "the client's append never reached storage");
     let first_event = expect_event(&mut events, Duration::from_secs(2)).await;
     assert_eq!(first_event, genuine, "the client's forged event never reached subscribers");
-    assert!(tokio::time::timeout(Duration::from_millis(300), appends.next()).await.is_err());
-    assert!(tokio::time::timeout(Duration::from_millis(300), events.next()).await.is_err());
 
     // A request is refused too: nothing answers it.
     let _responder = storage.client().subscribe(append).await.unwrap();
@@ -213,11 +210,12 @@ async fn an_anonymous_or_unknown_user_cannot_connect() {
     let Some(nats) = Nats::start().await else { return };
     let anonymous = NatsConfig { nkey_seed_file: None, connect_timeout_ms: 500, ..nats.config(Role::Client) };
     assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous").await.is_err());
-    let dir = crate::harness::TempDir::new("stranger");
+    let dir = crate::harness::temp_dir("stranger");
     let (seed, _) = toka_runtime::deploy::new_user_key().unwrap();
-    let path = dir.0.join("stranger.nk");
+    let path = dir.path().join("stranger.nk");
     toka_runtime::deploy::write_secret(&path, &seed).unwrap();
     let stranger = NatsConfig { nkey_seed_file: Some(path), connect_timeout_ms: 500, ..nats.config(Role::Client) };
     assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger").await.is_err());
-    assert_eventually!(Duration::from_secs(1), true, "trivially");
+    // The positive control: the deployment's own client seed connects.
+    assert!(toka_runtime::bus::Bus::connect(&nats.config(Role::Client), "client").await.is_ok());
 }

@@ -5,46 +5,20 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use toka_contract::access::Role;
 use toka_contract::api::storage::{
     AppendReply, AppendRequest, HeadReply, HeadRequest, QueryReply, QueryRequest, ReadReply, ReadRequest,
     SnapshotGetReply, SnapshotGetRequest, SnapshotPutReply, SnapshotPutRequest, StatusReply, StatusRequest,
     VerifyReply, VerifyRequest,
 };
-use toka_contract::record::{Hash, LogName, Record};
+use toka_contract::record::{Hash, LogName};
 use toka_contract::subject::{self, service};
 use toka_contract::wire::ErrorCode;
-use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation};
+use toka_contract::{Event, KernelRecord, Operation};
 use toka_runtime::bus::{Bus, RequestError};
 
-use crate::harness::{Nats, Running, TempDir, expect_event, spawn_service};
-
-/// `n` kernel records after (`seq`, `hash`): each spawns an agent.
-fn records_after(after: (u64, Hash), n: u64) -> Vec<KernelRecord> {
-    let mut prev = after.1;
-    (after.0 + 1..=after.0 + n)
-        .map(|seq| {
-            let time = 1_764_150_000_000_000 + seq;
-            let agent = AgentId::mint(time, seq, 0);
-            let op = Operation::SpawnAgent(toka_contract::spec::AgentSpec {
-                name: "a".parse().unwrap(),
-                parent: None,
-                limits: Default::default(),
-            });
-            let events = vec![Event::AgentSpawned {
-                agent,
-                name: "a".parse().unwrap(),
-                parent: None,
-                limits: Default::default(),
-            }];
-            let r = Record::seal(seq, OpId::mint(time, seq, 9), "operator".parse().unwrap(), time, op, events, prev)
-                .unwrap();
-            prev = r.hash;
-            r
-        })
-        .collect()
-}
+use crate::harness::{Nats, Running, expect_event, records_after, spawn_service, temp_dir};
+use toka_contract::testing::Sample;
 
 /// The kernel log's `published_seq`, as storage's status gives it to `bus`.
 async fn published(bus: &Bus) -> u64 {
@@ -80,15 +54,15 @@ fn append_request(records: &[KernelRecord]) -> AppendRequest<Operation> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_durable_idempotent_and_published() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("storage");
-    let storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("storage");
+    let storage = start_storage(&nats, dir.path()).await;
     let kernel = nats.connect(Role::Kernel).await;
     let observer = nats.connect(Role::Telemetry).await;
     let mut events = observer.client().subscribe(subject::ALL_EVENTS).await.unwrap();
     observer.client().flush().await.unwrap();
 
     let append = subject::append(LogName::Kernel).subject;
-    let batch = records_after((0, Hash::ZERO), 3);
+    let batch = records_after((0, Hash::ZERO), 3, Sample::Spawn);
     let reply: AppendReply = kernel.request(append, &append_request(&batch)).await.unwrap();
     assert_eq!((reply.first_seq, reply.last_seq, reply.last_hash, reply.duplicate), (1, 3, batch[2].hash, false));
     for r in &batch {
@@ -96,19 +70,18 @@ async fn appends_are_durable_idempotent_and_published() {
         assert_eq!((envelope.id.clone(), &envelope.data), (format!("kernel:{}.0", r.seq), &r.events[0]));
     }
 
-    // An identical retry is acknowledged again and publishes nothing new.
+    // An identical retry is acknowledged again and publishes nothing new (checked at the end).
     let again: AppendReply = kernel.request(append, &append_request(&batch)).await.unwrap();
     assert!(again.duplicate);
-    assert!(tokio::time::timeout(Duration::from_millis(300), events.next()).await.is_err());
 
     // A different record at a taken sequence, and a gap, are conflicts naming the next sequence.
-    let other = records_after((0, Hash([1; 32])), 1);
+    let other = records_after((0, Hash([1; 32])), 1, Sample::Spawn);
     let err = kernel.request::<_, AppendReply>(append, &append_request(&other)).await.unwrap_err();
     let RequestError::Remote(e) = err else { panic!("{err}") };
     assert_eq!((e.code, e.details["next_seq"].as_u64()), (ErrorCode::Conflict, Some(4)));
 
     // One bad record refuses the whole batch, naming it; nothing is written.
-    let mut bad = records_after((3, batch[2].hash), 2);
+    let mut bad = records_after((3, batch[2].hash), 2, Sample::Spawn);
     bad[1].time_us += 1;
     let RequestError::Remote(e) = kernel.request::<_, AppendReply>(append, &append_request(&bad)).await.unwrap_err()
     else {
@@ -181,16 +154,22 @@ async fn appends_are_durable_idempotent_and_published() {
     assert_eq!(status.backend, "sqlite");
     let kernel_log = status.logs.iter().find(|l| l.log == LogName::Kernel).unwrap();
     assert_eq!((kernel_log.head_seq, kernel_log.published_seq, kernel_log.snapshot_seq), (3, 3, Some(3)));
+
+    // Nothing was published since the first three events (the retry, the refused batches): the
+    // next event on the subscription is the next record's.
+    let next = records_after((3, batch[2].hash), 1, Sample::Spawn);
+    let _: AppendReply = kernel.request(append, &append_request(&next)).await.unwrap();
+    assert_eq!(expect_event(&mut events, Duration::from_secs(5)).await.id, "kernel:4.0");
     storage.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_committed_but_not_published_are_published_on_start() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("republish");
-    let storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("republish");
+    let storage = start_storage(&nats, dir.path()).await;
     let kernel = nats.connect(Role::Kernel).await;
-    let first = records_after((0, Hash::ZERO), 2);
+    let first = records_after((0, Hash::ZERO), 2, Sample::Spawn);
     let _: AppendReply =
         kernel.request(subject::append(LogName::Kernel).subject, &append_request(&first)).await.unwrap();
     let observer = nats.connect(Role::Telemetry).await;
@@ -205,15 +184,15 @@ async fn events_committed_but_not_published_are_published_on_start() {
     // commit and the publish): written straight into the WAL, not marked published.
     {
         use toka_storage::wal::Wal as _;
-        let mut wal = toka_storage::wal::sqlite::SqliteWal::open(&dir.0).unwrap();
-        let more = records_after((2, first[1].hash), 3);
+        let mut wal = toka_storage::wal::sqlite::SqliteWal::open(dir.path()).unwrap();
+        let more = records_after((2, first[1].hash), 3, Sample::Spawn);
         let body = serde_json::to_value(append_request(&more)).unwrap();
         let stored = toka_storage::ingest::records(LogName::Kernel, &body).unwrap();
         wal.append(&[(LogName::Kernel, &stored)]).pop().unwrap().unwrap();
         assert_eq!(wal.published(LogName::Kernel).unwrap(), 2);
     }
 
-    let storage = start_storage(&nats, &dir.0).await;
+    let storage = start_storage(&nats, dir.path()).await;
     let js = async_nats::jetstream::new(nats.connect(Role::Telemetry).await.client().clone());
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
     crate::assert_eventually!(
@@ -225,10 +204,10 @@ async fn events_committed_but_not_published_are_published_on_start() {
     storage.stop().await.unwrap();
     {
         use toka_storage::wal::Wal as _;
-        let mut wal = toka_storage::wal::sqlite::SqliteWal::open(&dir.0).unwrap();
+        let mut wal = toka_storage::wal::sqlite::SqliteWal::open(dir.path()).unwrap();
         wal.set_published(LogName::Kernel, 0).unwrap();
     }
-    let storage = start_storage(&nats, &dir.0).await;
+    let storage = start_storage(&nats, dir.path()).await;
     let status_bus = nats.connect(Role::Telemetry).await;
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 5, "republished through seq 5");
     assert_eq!(stream.info().await.unwrap().state.messages, 5, "duplicates dropped by the stream");
@@ -238,27 +217,36 @@ async fn events_committed_but_not_published_are_published_on_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_whose_publish_failed_are_published_from_the_wal_later() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("publish-gap");
-    let storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("publish-gap");
+    let storage = start_storage(&nats, dir.path()).await;
     let kernel = nats.connect(Role::Kernel).await;
     let status_bus = nats.connect(Role::Telemetry).await;
     let append = subject::append(LogName::Kernel).subject;
-    let first = records_after((0, Hash::ZERO), 2);
+    let first = records_after((0, Hash::ZERO), 2, Sample::Spawn);
     let _: AppendReply = kernel.request(append, &append_request(&first)).await.unwrap();
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 2, "the first batch published");
 
     // The stream goes away: the next commit's events cannot be published from memory.
     let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
     js.delete_stream(subject::EVENTS_STREAM).await.unwrap();
-    let second = records_after((2, first[1].hash), 3);
+    // Without a stream a publish still reaches plain subscribers: each attempt shows.
+    let mut attempts = status_bus.client().subscribe(subject::ALL_EVENTS).await.unwrap();
+    status_bus.client().flush().await.unwrap();
+    let second = records_after((2, first[1].hash), 3, Sample::Spawn);
     let _: AppendReply = kernel.request(append, &append_request(&second)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The attempt from memory, then the retry from the WAL a second later: by then the first
+    // failure has been handled.
+    let mut tries = 0;
+    while tries < 2 {
+        let envelope = expect_event(&mut attempts, Duration::from_secs(10)).await;
+        tries += usize::from(envelope.id == "kernel:3.0");
+    }
     assert_eq!(published(&status_bus).await, 2, "nothing is marked published that was not");
 
     // Once the stream is back, the missed commit is read from the WAL and published, with the
     // one after it.
     toka_storage::publish::ensure_stream(&js).await.unwrap();
-    let third = records_after((5, second[2].hash), 1);
+    let third = records_after((5, second[2].hash), 1, Sample::Spawn);
     let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "published through seq 6");
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
@@ -274,14 +262,14 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("publish-chain");
-    let storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("publish-chain");
+    let storage = start_storage(&nats, dir.path()).await;
     let kernel = nats.connect(Role::Kernel).await;
     let status_bus = nats.connect(Role::Telemetry).await;
     let append = subject::append(LogName::Kernel).subject;
     let mut head = (0, Hash::ZERO);
     let mut commit = |n: u64| {
-        let batch = records_after(head, n);
+        let batch = records_after(head, n, Sample::Spawn);
         head = (head.0 + n, batch[batch.len() - 1].hash);
         let (kernel, status_bus, through) = (kernel.clone(), status_bus.clone(), head.0);
         async move {
@@ -328,10 +316,10 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_appends_commit_in_the_order_they_were_sent() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("pipeline");
-    let storage = start_storage(&nats, &dir.0).await;
+    let dir = temp_dir("pipeline");
+    let storage = start_storage(&nats, dir.path()).await;
     let kernel = nats.connect(Role::Kernel).await;
-    let all = records_after((0, Hash::ZERO), 500);
+    let all = records_after((0, Hash::ZERO), 500, Sample::Spawn);
     // Fifty batches in flight at once, each continuing the one before.
     let requests: Vec<_> = all.chunks(10).map(append_request).collect();
     let replies = futures::future::join_all(
@@ -351,8 +339,8 @@ async fn pipelined_appends_commit_in_the_order_they_were_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_removes_what_a_snapshot_covers_when_enabled() {
     let Some(nats) = Nats::start().await else { return };
-    let dir = TempDir::new("compact");
-    let data_dir = dir.0.clone();
+    let dir = temp_dir("compact");
+    let data_dir = dir.path().to_path_buf();
     let storage = spawn_service(service::STORAGE, &nats, Role::Storage, move |nats, admin, bus, stop| {
         let storage = toka_storage::StorageConfig {
             data_dir,
@@ -364,7 +352,7 @@ async fn compaction_removes_what_a_snapshot_covers_when_enabled() {
     })
     .await;
     let kernel = nats.connect(Role::Kernel).await;
-    let records = records_after((0, Hash::ZERO), 6);
+    let records = records_after((0, Hash::ZERO), 6, Sample::Spawn);
     let _: AppendReply =
         kernel.request(subject::append(LogName::Kernel).subject, &append_request(&records)).await.unwrap();
     let put = SnapshotPutRequest {

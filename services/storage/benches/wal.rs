@@ -14,59 +14,29 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use toka_contract::record::{Hash, LogName, Record};
-use toka_contract::spec::{RetryPolicy, TaskSpec, Timeouts};
-use toka_contract::{AgentId, Event, OpId, Operation, TaskId};
+use toka_contract::record::{Chain, LogName};
+use toka_contract::testing::{Sample, kernel_records};
 use toka_storage::wal::memory::MemoryWal;
 use toka_storage::wal::sqlite::SqliteWal;
 use toka_storage::wal::{EventKey, StoredRecord, Wal};
 
-/// The chain being appended: the next sequence and the previous hash.
-struct Chain {
-    seq: u64,
-    prev: Hash,
-}
-
-impl Chain {
-    fn next(&mut self, n: usize) -> Vec<StoredRecord> {
-        (0..n)
-            .map(|_| {
-                self.seq += 1;
-                let seq = self.seq;
-                let time = 1_764_150_000_000_000 + seq;
-                let agent = AgentId::mint(time, 1, 0);
-                let task = TaskId::mint(time, seq, 0);
-                let op = Operation::ScheduleTask(TaskSpec {
-                    agent,
-                    queue: "llm".parse().unwrap(),
-                    payload: "x".repeat(120),
-                    priority: 5,
-                    timeouts: Timeouts::default(),
-                    retry: RetryPolicy::default(),
-                });
-                let events = vec![Event::TaskScheduled { task, agent, queue: "llm".parse().unwrap(), priority: 5 }];
-                let r = Record::seal(
-                    seq,
-                    OpId::mint(time, seq, 1),
-                    "operator".parse().unwrap(),
-                    time,
-                    op,
-                    events,
-                    self.prev,
-                )
-                .unwrap();
-                self.prev = r.hash;
-                StoredRecord {
-                    seq,
-                    hash: r.hash,
-                    prev_hash: r.prev_hash,
-                    time_us: time,
-                    body: serde_json::to_vec(&r).unwrap(),
-                    events: vec![EventKey { event_type: "task.scheduled".into(), entity: Some(task.to_string()) }],
-                }
-            })
-            .collect()
-    }
+/// `n` ~400-byte records sealed onto `chain`, as the WAL stores them.
+fn next(chain: &mut Chain, n: usize) -> Vec<StoredRecord> {
+    kernel_records(chain, n as u64, Sample::Schedule)
+        .into_iter()
+        .map(|r| StoredRecord {
+            seq: r.seq,
+            hash: r.hash,
+            prev_hash: r.prev_hash,
+            time_us: r.time_us,
+            body: serde_json::to_vec(&r).unwrap(),
+            events: r
+                .events
+                .iter()
+                .map(|e| EventKey { event_type: e.type_name().into(), entity: e.entity() })
+                .collect(),
+        })
+        .collect()
 }
 
 fn bench_dir(name: &str) -> PathBuf {
@@ -90,10 +60,10 @@ fn appends(c: &mut Criterion) {
             ("memory", RefCell::new(Box::new(MemoryWal::new()))),
         ];
         for (name, wal) in &backends {
-            let chain = RefCell::new(Chain { seq: 0, prev: Hash::ZERO });
+            let chain = RefCell::new(Chain::START);
             group.bench_function(format!("{name}/batch_{batch}"), |b| {
                 b.iter_batched(
-                    || chain.borrow_mut().next(batch),
+                    || next(&mut chain.borrow_mut(), batch),
                     |records| {
                         let result = wal.borrow_mut().append(&[(LogName::Kernel, &records)]).pop().unwrap();
                         black_box(result.unwrap());
@@ -109,9 +79,9 @@ fn appends(c: &mut Criterion) {
 fn read_back(c: &mut Criterion) {
     const RECORDS: u64 = 100_000;
     let mut wal = SqliteWal::open(&bench_dir("read")).unwrap();
-    let mut chain = Chain { seq: 0, prev: Hash::ZERO };
+    let mut chain = Chain::START;
     for _ in 0..RECORDS / 1000 {
-        let batch = chain.next(1000);
+        let batch = next(&mut chain, 1000);
         wal.append(&[(LogName::Kernel, &batch)]).pop().unwrap().unwrap();
     }
     eprintln!("config: read back {RECORDS} records in order, 1000 per call");

@@ -129,31 +129,11 @@ fn checked(body: &Value, keep_events: bool) -> Result<(Vec<StoredRecord>, Record
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-    use toka_contract::record::Record;
-    use toka_contract::{AgentId, KernelRecord, OpId, Operation};
+    use toka_contract::AgentId;
+    use toka_contract::KernelRecord;
+    use toka_contract::testing::{Sample, TIME_US, kernel_chain};
 
     use super::*;
-
-    fn kernel_chain(n: u64) -> Vec<KernelRecord> {
-        let mut prev = Hash::ZERO;
-        (1..=n)
-            .map(|seq| {
-                let agent = AgentId::mint(1_000, seq, 0);
-                let r = Record::seal(
-                    seq,
-                    OpId::mint(1_000, seq, 1),
-                    "operator".parse().unwrap(),
-                    1_000 + seq,
-                    Operation::ResumeAgent { agent },
-                    vec![Event::AgentResumed { agent }],
-                    prev,
-                )
-                .unwrap();
-                prev = r.hash;
-                r
-            })
-            .collect()
-    }
 
     fn request(records: &[KernelRecord]) -> Value {
         json!({"expected_seq": records[0].seq, "records": records})
@@ -161,19 +141,22 @@ mod tests {
 
     #[test]
     fn a_valid_batch_becomes_wal_records() {
-        let chain = kernel_chain(3);
+        let chain = kernel_chain(3, Sample::Resume);
         let out = records(LogName::Kernel, &request(&chain)).unwrap();
         assert_eq!(out.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(out[2].hash, chain[2].hash);
         assert_eq!(
             out[0].events,
-            [EventKey { event_type: "agent.resumed".into(), entity: Some(AgentId::mint(1_000, 1, 0).to_string()) }]
+            [EventKey {
+                event_type: "agent.resumed".into(),
+                entity: Some(AgentId::mint(TIME_US + 1, 1, 0).to_string())
+            }]
         );
     }
 
     #[test]
     fn one_bad_entry_refuses_the_batch_naming_it() {
-        let chain = kernel_chain(3);
+        let chain = kernel_chain(3, Sample::Resume);
         let mut doc = request(&chain);
         doc["records"][2]["op"]["agent"] = json!("not-an-id");
         let err = records(LogName::Kernel, &doc).unwrap_err();
@@ -201,7 +184,7 @@ mod tests {
 
     #[test]
     fn a_kernel_record_is_refused_on_the_audit_log() {
-        let err = records(LogName::Audit, &request(&kernel_chain(1))).unwrap_err();
+        let err = records(LogName::Audit, &request(&kernel_chain(1, Sample::Resume))).unwrap_err();
         assert_eq!(err.details["schema"], "api/storage.append.audit.request.v1.json");
         assert_eq!(err.details["entry"], json!(0));
     }

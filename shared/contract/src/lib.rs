@@ -15,6 +15,7 @@
 //! - [`api`]: request and reply bodies of every endpoint.
 //! - [`schema`]: the embedded schema registry and the type ↔ schema map.
 //! - [`access`]: the NATS users and their least-privilege permissions.
+//! - `testing` (feature `test-util`): record chains the crates' tests share.
 //!
 //! The crate is pure: no async runtime, no NATS client (a test on `cargo metadata` holds it to
 //! that). What services run on is `toka-runtime`; what clients use is `toka-client`.
@@ -31,6 +32,9 @@ pub mod schema;
 pub mod spec;
 pub mod subject;
 pub mod wire;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 
 pub use capability::{Action, ActionSet, Capability, Pattern};
 pub use envelope::Envelope;

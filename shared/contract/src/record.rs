@@ -375,28 +375,7 @@ mod tests {
 
     use super::*;
     use crate::AgentId;
-
-    fn chain(n: u64) -> Vec<KernelRecord> {
-        let mut prev = Hash::ZERO;
-        (1..=n)
-            .map(|seq| {
-                let op = Operation::ResumeAgent { agent: AgentId::mint(1_000, seq, 0) };
-                let events = vec![Event::AgentResumed { agent: AgentId::mint(1_000, seq, 0) }];
-                let r = Record::seal(
-                    seq,
-                    OpId::mint(1_000, seq, 9),
-                    "admin".parse().unwrap(),
-                    1_000 + seq,
-                    op,
-                    events,
-                    prev,
-                )
-                .unwrap();
-                prev = r.hash;
-                r
-            })
-            .collect()
-    }
+    use crate::testing::{Sample, kernel_chain};
 
     #[test]
     fn canonical_json_sorts_keys_and_refuses_floats() {
@@ -432,7 +411,7 @@ mod tests {
 
     #[test]
     fn a_received_document_hashes_as_its_record() {
-        for r in chain(3) {
+        for r in kernel_chain(3, Sample::Resume) {
             let doc = serde_json::to_value(&r).unwrap();
             assert_eq!(document_hash(&doc).unwrap(), Some(r.hash));
             // Any member but `hash` is covered, whatever its type.
@@ -449,7 +428,7 @@ mod tests {
 
     #[test]
     fn an_intact_chain_verifies() {
-        let records = chain(5);
+        let records = kernel_chain(5, Sample::Resume);
         let (seq, hash) = verify_chain(&records, 0, Hash::ZERO).unwrap();
         assert_eq!((seq, hash), (5, records[4].hash));
         // Verifying from the middle works with the previous record's position.
@@ -458,7 +437,7 @@ mod tests {
 
     #[test]
     fn every_kind_of_tampering_is_found_at_the_right_record() {
-        let records = chain(4);
+        let records = kernel_chain(4, Sample::Resume);
         let mut edited = records.clone();
         edited[2].time_us += 1;
         assert_eq!(verify_chain(&edited, 0, Hash::ZERO).unwrap_err().seq, 3);
@@ -482,7 +461,11 @@ mod tests {
     fn hash_is_pinned() {
         // A change to the canonical form or the record layout changes every hash in every
         // existing log: it must be deliberate (a new HASH_CONTEXT), never accidental.
-        let r = &chain(1)[0];
+        let agent = AgentId::mint(1_000, 1, 0);
+        let op = Operation::ResumeAgent { agent };
+        let events = vec![Event::AgentResumed { agent }];
+        let principal = "admin".parse().unwrap();
+        let r = &Record::seal(1, OpId::mint(1_000, 1, 9), principal, 1_001, op, events, Hash::ZERO).unwrap();
         let expected = r.hash.to_string();
         let value = serde_json::to_value(r).unwrap();
         let mut body = value.as_object().unwrap().clone();

@@ -18,7 +18,7 @@ use toka_contract::capability::Capability;
 use toka_contract::event::{Event, ResourceKind, TimeoutKind};
 use toka_contract::id::ID_PATTERN;
 use toka_contract::op::Operation;
-use toka_contract::record::{AuditEntry, Decision, Hash, Record};
+use toka_contract::record::{AuditEntry, Chain, Decision, Hash, Record};
 use toka_contract::schema::{BASE_URI, CONTRACTS, Contract, FILES, Registry};
 use toka_contract::spec::{
     AgentName, AgentSpec, ObservationKind, Principal, QueueName, ResourceLimits, RetryPolicy, TaskSpec, Timeouts,
@@ -441,16 +441,12 @@ fn chain_of<B: serde::Serialize + std::fmt::Debug + Clone + 'static>(
 ) -> impl Strategy<Value = Vec<Record<B>>> {
     let entry = (id(), principal(), bodies, proptest::collection::vec(event(), 0..4), 0u64..1_000_000);
     proptest::collection::vec(entry, 1..5).prop_map(|entries| {
-        let (mut prev, mut time) = (Hash::ZERO, 1_764_150_000_000_000u64);
+        let (mut chain, mut time) = (Chain::START, 1_764_150_000_000_000u64);
         entries
             .into_iter()
-            .enumerate()
-            .map(|(i, (op_id, principal, body, events, dt))| {
+            .map(|(op_id, principal, body, events, dt)| {
                 time += dt;
-                let r =
-                    Record::seal(i as u64 + 1, OpId::from_u128(op_id), principal, time, body, events, prev).unwrap();
-                prev = r.hash;
-                r
+                chain.seal(OpId::from_u128(op_id), principal, time, body, events).unwrap().0
             })
             .collect()
     })

@@ -222,28 +222,6 @@ fn suite(mut new: impl FnMut() -> Box<dyn Wal>) {
 }
 
 /// A directory removed on drop.
-pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(tag: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "toka-wal-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn memory_conforms() {
     suite(|| Box::new(MemoryWal::new()));
@@ -253,8 +231,8 @@ fn memory_conforms() {
 fn sqlite_conforms() {
     let dirs = std::cell::RefCell::new(Vec::new());
     suite(|| {
-        let dir = TempDir::new("conformance");
-        let wal = SqliteWal::open(&dir.0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = SqliteWal::open(dir.path()).unwrap();
         dirs.borrow_mut().push(dir);
         Box::new(wal)
     });
@@ -277,27 +255,17 @@ fn fdb_conforms() {
     });
 }
 
-#[cfg(not(feature = "fdb"))]
-#[test]
-fn fdb_is_reported_as_skipped() {
-    let built = cfg!(feature = "fdb");
-    eprintln!(
-        "skipped FoundationDB: this build has no fdb backend (cargo test --features fdb, with a cluster in FDB_CLUSTER_FILE)"
-    );
-    assert!(!built);
-}
-
 #[test]
 fn sqlite_keeps_what_it_acknowledged_across_a_reopen() {
-    let dir = TempDir::new("reopen");
+    let dir = tempfile::tempdir().unwrap();
     let a = chain((0, Hash::ZERO), 3, "a");
     {
-        let mut wal = SqliteWal::open(&dir.0).unwrap();
+        let mut wal = SqliteWal::open(dir.path()).unwrap();
         assert_eq!(wal.synchronous().unwrap(), 2, "synchronous=FULL: every commit is fsynced");
         append_one(&mut wal, LogName::Kernel, &a).unwrap();
         wal.set_published(LogName::Kernel, 2).unwrap();
     }
-    let wal = SqliteWal::open(&dir.0).unwrap();
+    let wal = SqliteWal::open(dir.path()).unwrap();
     assert_eq!(wal.head(LogName::Kernel).unwrap(), Head { seq: 3, hash: a[2].hash, first_seq: 1 });
     assert_eq!(strip(&wal.read(LogName::Kernel, 1, 10, usize::MAX).unwrap()), strip(&a));
     assert_eq!(wal.published(LogName::Kernel).unwrap(), 2);
@@ -305,30 +273,30 @@ fn sqlite_keeps_what_it_acknowledged_across_a_reopen() {
 
 #[test]
 fn sqlite_writes_the_publish_marker_with_the_next_commit_not_an_fsync_of_its_own() {
-    let dir = TempDir::new("marker");
+    let dir = tempfile::tempdir().unwrap();
     let stored = |dir: &std::path::Path| -> Option<i64> {
         let conn = rusqlite::Connection::open(dir.join("wal.sqlite3")).unwrap();
         conn.query_row("SELECT published_seq FROM logs WHERE log = 'kernel'", [], |r| r.get(0)).ok()
     };
     let a = chain((0, Hash::ZERO), 2, "a");
-    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    let mut wal = SqliteWal::open(dir.path()).unwrap();
     append_one(&mut wal, LogName::Kernel, &a).unwrap();
     wal.set_published(LogName::Kernel, 2).unwrap();
     assert_eq!(wal.published(LogName::Kernel).unwrap(), 2, "the WAL answers with the marker at once");
-    assert_eq!(stored(&dir.0), None, "but has not written it yet");
+    assert_eq!(stored(dir.path()), None, "but has not written it yet");
     let b = chain(head_of(&a), 1, "b");
     append_one(&mut wal, LogName::Kernel, &b).unwrap();
-    assert_eq!(stored(&dir.0), Some(2), "the next commit carried it");
+    assert_eq!(stored(dir.path()), Some(2), "the next commit carried it");
     wal.set_published(LogName::Kernel, 3).unwrap();
     drop(wal);
-    assert_eq!(stored(&dir.0), Some(3), "a clean close writes what is left");
+    assert_eq!(stored(dir.path()), Some(3), "a clean close writes what is left");
 }
 
 #[test]
 fn sqlite_admits_one_process_per_data_directory() {
-    let dir = TempDir::new("lock");
-    let _first = SqliteWal::open(&dir.0).unwrap();
-    let second = SqliteWal::open(&dir.0).unwrap_err();
+    let dir = tempfile::tempdir().unwrap();
+    let _first = SqliteWal::open(dir.path()).unwrap();
+    let second = SqliteWal::open(dir.path()).unwrap_err();
     assert!(second.to_string().contains("in use by another toka-storage process"), "{second}");
 }
 
@@ -369,7 +337,7 @@ fn indexed_rows(dir: &std::path::Path) -> (i64, i64) {
 #[test]
 fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
     use super::sqlite::INDEX_EVERY;
-    let dir = TempDir::new("index");
+    let dir = tempfile::tempdir().unwrap();
     let total = INDEX_EVERY as u64 + 40;
     let records = chain((0, Hash::ZERO), total, "a");
     let check = |wal: &dyn Wal, upto: usize| {
@@ -384,12 +352,12 @@ fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
         let in_window: Vec<_> = seen.iter().filter(|r| r.time_us >= from && r.time_us < to).cloned().collect();
         assert_eq!(paged(wal, &window), expected_hits(&in_window, |_| true));
     };
-    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    let mut wal = SqliteWal::open(dir.path()).unwrap();
     let mut appended = 0;
     for batch in records.chunks(7) {
         append_one(&mut wal, LogName::Kernel, batch).unwrap();
         appended += batch.len();
-        let (rows, seq) = indexed_rows(&dir.0);
+        let (rows, seq) = indexed_rows(dir.path());
         if appended < INDEX_EVERY {
             assert_eq!((rows, seq), (0, 0), "nothing is indexed in the commits before {INDEX_EVERY} records wait");
         } else {
@@ -401,10 +369,10 @@ fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
         }
     }
     // After a restart the records not indexed yet are read back from their rows.
-    let (_, indexed) = indexed_rows(&dir.0);
+    let (_, indexed) = indexed_rows(dir.path());
     assert!((indexed as u64) < total, "some records are still waiting for the index");
     drop(wal);
-    let mut wal = SqliteWal::open(&dir.0).unwrap();
+    let mut wal = SqliteWal::open(dir.path()).unwrap();
     check(&wal, records.len());
     // Compaction past the indexed sequence leaves no hit for a removed record.
     let state = Hash([7; 32]);
@@ -418,7 +386,7 @@ fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
     let left = paged(&wal, &Query::default());
     assert_eq!(left, expected_hits(&records[at as usize..], |_| true));
     drop(wal);
-    let wal = SqliteWal::open(&dir.0).unwrap();
+    let wal = SqliteWal::open(dir.path()).unwrap();
     assert_eq!(paged(&wal, &Query::default()), left, "and none after a restart");
 }
 
@@ -426,10 +394,10 @@ fn sqlite_indexes_events_behind_the_log_and_queries_still_see_every_one() {
 fn sqlite_opens_a_database_whose_events_were_indexed_in_each_commit() {
     // The layout before events were indexed behind the log: no keys in the records' rows, no
     // indexed sequence; every record's events are in the `events` table.
-    let dir = TempDir::new("old-layout");
+    let dir = tempfile::tempdir().unwrap();
     let a = chain((0, Hash::ZERO), 4, "a");
     {
-        let conn = rusqlite::Connection::open(dir.0.join("wal.sqlite3")).unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("wal.sqlite3")).unwrap();
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              CREATE TABLE records (log TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL,
@@ -457,8 +425,8 @@ fn sqlite_opens_a_database_whose_events_were_indexed_in_each_commit() {
             }
         }
     }
-    let mut wal = SqliteWal::open(&dir.0).unwrap();
-    assert_eq!(indexed_rows(&dir.0), (8, 4), "its records count as indexed");
+    let mut wal = SqliteWal::open(dir.path()).unwrap();
+    assert_eq!(indexed_rows(dir.path()), (8, 4), "its records count as indexed");
     assert_eq!(paged(&wal, &Query::default()), expected_hits(&a, |_| true), "each event found once");
     let b = chain(head_of(&a), 2, "b");
     append_one(&mut wal, LogName::Kernel, &b).unwrap();

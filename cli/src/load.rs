@@ -6,7 +6,6 @@
 //! A bounded run: `--warmup` records, then `--records` measured ones.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -17,18 +16,15 @@ use toka_contract::record::{Chain, LogName};
 use toka_contract::spec::{Principal, QueueName, RetryPolicy, TaskSpec, Timeouts};
 use toka_contract::wire::Reply;
 use toka_contract::{AgentId, Event, KernelRecord, OpId, Operation, TaskId, subject};
-use toka_runtime::bus::Bus;
-use toka_runtime::config::NatsConfig;
 
 /// The load's settings.
 #[derive(Debug, Clone, Serialize, clap::Args)]
+#[command(mut_arg("creds", |a| a.default_value("data/creds/kernel.nk")
+    .help("The kernel's nkey seed file: only the kernel may append to the kernel log")))]
 pub(crate) struct StorageLoad {
-    /// NATS server URL.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub(crate) nats_url: String,
-    /// Kernel nkey seed file (only the kernel may append to the kernel log).
-    #[arg(long, default_value = "data/creds/kernel.nk")]
-    pub(crate) creds: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) nats: crate::connect::Nats,
     /// Measured records.
     #[arg(long, default_value_t = 200_000)]
     pub(crate) records: u64,
@@ -85,13 +81,7 @@ fn generate(chain: &mut Chain, n: u64) -> anyhow::Result<Vec<KernelRecord>> {
 
 /// Runs the load and prints the result.
 pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
-    let config = NatsConfig {
-        url: load.nats_url.clone(),
-        nkey_seed_file: Some(load.creds.clone()),
-        connect_timeout_ms: 3_000,
-        ..Default::default()
-    };
-    let bus = Bus::connect(&config, "toka-load").await?;
+    let bus = load.nats.connect("toka-load", 5_000).await?;
     let head: HeadReply = bus
         .request(subject::STORAGE_HEAD.subject, &HeadRequest { log: LogName::Kernel })
         .await

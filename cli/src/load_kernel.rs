@@ -21,8 +21,8 @@ use anyhow::{Context as _, bail};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
-use toka_contract::api::kernel::{SubmitReply, SubmitRequest};
+use toka_client::Client;
+use toka_contract::api::kernel::SubmitRequest;
 use toka_contract::capability::{Action, Capability, Pattern};
 use toka_contract::spec::{AgentSpec, TaskSpec};
 use toka_contract::wire::ERROR_HEADER;
@@ -51,12 +51,9 @@ pub(crate) struct Clients {
 /// `toka load kernel`.
 #[derive(Debug, Clone, Serialize, clap::Args)]
 pub(crate) struct KernelLoad {
-    /// NATS server URL.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub(crate) nats_url: String,
-    /// Client nkey seed file.
-    #[arg(long, default_value = "data/creds/client.nk")]
-    pub(crate) creds: PathBuf,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) nats: crate::connect::Nats,
     /// The admin key file (the load issues itself a token with it).
     #[arg(long, default_value = "data/creds/admin.key")]
     pub(crate) admin_key_file: PathBuf,
@@ -290,13 +287,7 @@ fn pick(mix: &[(String, u64)], i: u64) -> &str {
 /// Runs the kernel load and prints the result.
 pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
     let mix = parse_mix(&load.mix)?;
-    let config = NatsConfig {
-        url: load.nats_url.clone(),
-        nkey_seed_file: Some(load.creds.clone()),
-        connect_timeout_ms: 3_000,
-        request_timeout_ms: 30_000,
-    };
-    let bus = Bus::connect(&config, "toka-load").await?;
+    let bus = load.nats.connect("toka-load", 30_000).await?;
     let admin = std::fs::read_to_string(&load.admin_key_file)
         .with_context(|| format!("the admin key {}", load.admin_key_file.display()))?;
     let agent_actions = [
@@ -310,14 +301,11 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         Action::Terminate,
         Action::Cancel,
     ];
-    let issue = IssueRequest {
-        credential: Credential::AdminKey(admin.trim().to_owned()),
-        sub: "load".parse()?,
-        capabilities: vec![Capability::new(Pattern::AnyAgent, &agent_actions)],
-        ttl_ms: 3_600_000,
-        one_time: false,
-    };
-    let token: TokenReply = bus.request(subject::AUTH_ISSUE.subject, &issue).await.context("issuing a token")?;
+    let caps = vec![Capability::new(Pattern::AnyAgent, &agent_actions)];
+    let token = Client::issue_token(&bus, &admin, "load".parse()?, caps, Duration::from_secs(3_600), false)
+        .await
+        .context("issuing a token")?;
+    let client = Client::new(bus.clone(), token.token.clone());
     let token = Arc::new(token.token);
     let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
     let fresh = Arc::new(AtomicU64::new(0));
@@ -325,17 +313,13 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         let fresh = fresh.clone();
         move || OpId::from_u128(u128::from(run_id) << 64 | u128::from(fresh.fetch_add(1, Ordering::Relaxed)))
     };
-    let root = SubmitRequest {
-        op_id: op_id(),
-        token: (*token).clone(),
-        op: Operation::SpawnAgent(AgentSpec { name: "load-root".parse()?, parent: None, limits: Default::default() }),
-    };
-    let reply: SubmitReply = bus.request(subject::KERNEL_SUBMIT.subject, &root).await.context("spawning the root")?;
+    let root = AgentSpec { name: "load-root".parse()?, parent: None, limits: Default::default() };
+    let reply = client.submit(Operation::SpawnAgent(root)).await.context("spawning the root")?;
     let Some(Event::AgentSpawned { agent: root, .. }) = reply.events.first() else { bail!("no agent spawned") };
     let root: AgentId = *root;
     eprintln!(
         "config: {} clients, {} s warm-up + {} s measured, mix {}, agents under {root}, {}",
-        load.clients.concurrency, load.clients.warmup, load.clients.duration, load.mix, load.nats_url
+        load.clients.concurrency, load.clients.warmup, load.clients.duration, load.mix, load.nats.url
     );
     let mix = Arc::new(mix);
     let queue: toka_contract::spec::QueueName = "load".parse()?;
@@ -373,7 +357,8 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         let body = serde_json::to_vec(&request).map(bytes::Bytes::from);
         let client = client_bus.client().clone();
         async move {
-            // Sent raw, as the plain NATS load is: the generator shares the machine with what
+            // Sent raw, not through `Client::submit` (which checks each reply against its
+            // schema), as the plain NATS load is: the generator shares the machine with what
             // it measures, so it does no more than it must. A reply without the services-API
             // error header is an acknowledged operation; an error's body says why.
             let message = client.request(subject::KERNEL_SUBMIT.subject, body.map_err(|e| e.to_string())?).await;

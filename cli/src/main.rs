@@ -10,6 +10,7 @@
 //!   overall and by kind of operation;
 //!   `toka load nats`: the same against a plain NATS echo, the baseline.
 
+mod connect;
 mod load;
 mod load_kernel;
 mod token;
@@ -56,12 +57,8 @@ enum Command {
     ///
     /// Exits 1 when none answers within the wait.
     Ping {
-        /// NATS server URL.
-        #[arg(long, default_value = "nats://127.0.0.1:4222")]
-        nats_url: String,
-        /// Client nkey seed file.
-        #[arg(long, default_value = "data/creds/client.nk")]
-        creds: PathBuf,
+        #[command(flatten)]
+        nats: connect::Nats,
         /// How long to collect answers, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         wait_ms: u64,
@@ -148,15 +145,9 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
     Ok(())
 }
 
-async fn ping(url: &str, creds: &Path, wait_ms: u64) -> anyhow::Result<()> {
+async fn ping(nats: &connect::Nats, wait_ms: u64) -> anyhow::Result<()> {
     use futures::StreamExt as _;
-    let config = toka_runtime::config::NatsConfig {
-        url: url.to_owned(),
-        nkey_seed_file: Some(creds.to_owned()),
-        connect_timeout_ms: 3_000,
-        ..Default::default()
-    };
-    let bus = toka_runtime::bus::Bus::connect(&config, "toka-cli").await?;
+    let bus = nats.connect("toka-cli", 5_000).await?;
     let client = bus.client();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;
@@ -183,11 +174,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::NatsConfig { dir, listen, monitor, admin_port } => nats_config(&dir, &listen, &monitor, admin_port),
-        Command::Ping { nats_url, creds, wait_ms } => tokio::runtime::Builder::new_current_thread()
+        Command::Ping { nats, wait_ms } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(ping(&nats_url, &creds, wait_ms))),
+            .and_then(|rt| rt.block_on(ping(&nats, wait_ms))),
         Command::Token(TokenCommand::Issue(args)) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

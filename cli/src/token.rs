@@ -1,24 +1,16 @@
 //! `toka token issue`: a token from auth, asked for with the admin key.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
+use toka_client::Client;
 use toka_contract::capability::{Action, ActionSet, Capability, Pattern};
-use toka_contract::subject;
-use toka_runtime::bus::Bus;
-use toka_runtime::config::NatsConfig;
 
 /// Issue a token with the deployment's admin key and print it.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Issue {
-    /// NATS server URL.
-    #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Client nkey seed file.
-    #[arg(long, default_value = "data/creds/client.nk")]
-    creds: PathBuf,
+    #[command(flatten)]
+    nats: crate::connect::Nats,
     /// The admin key file written by `toka nats-config`.
     #[arg(long, default_value = "data/creds/admin.key")]
     admin_key_file: PathBuf,
@@ -58,22 +50,9 @@ pub(crate) async fn issue(args: Issue) -> anyhow::Result<()> {
     let capabilities = args.caps.iter().map(|c| capability(c)).collect::<anyhow::Result<Vec<_>>>()?;
     let key = std::fs::read_to_string(&args.admin_key_file)
         .with_context(|| format!("the admin key {}", args.admin_key_file.display()))?;
-    let ttl: Duration = args.ttl.into();
-    let request = IssueRequest {
-        credential: Credential::AdminKey(key.trim().to_owned()),
-        sub: args.sub.parse().context("--sub")?,
-        capabilities,
-        ttl_ms: u64::try_from(ttl.as_millis()).context("--ttl")?,
-        one_time: args.one_time,
-    };
-    let config = NatsConfig {
-        url: args.nats_url,
-        nkey_seed_file: Some(args.creds),
-        connect_timeout_ms: 3_000,
-        ..Default::default()
-    };
-    let bus = Bus::connect(&config, "toka-cli").await?;
-    let reply: TokenReply = bus.request(subject::AUTH_ISSUE.subject, &request).await?;
+    let sub = args.sub.parse().context("--sub")?;
+    let bus = args.nats.connect("toka-cli", 5_000).await?;
+    let reply = Client::issue_token(&bus, &key, sub, capabilities, args.ttl.into(), args.one_time).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {

@@ -29,15 +29,25 @@ use crate::harness::{Nats, Running, TempDir, spawn_service, temp_dir};
 use crate::storage::start_storage;
 
 /// A kernel reporting its (durable seq, state hash).
-async fn start_kernel(nats: &Nats, instance: &str) -> (Running, watch::Receiver<(u64, Hash)>) {
+pub(crate) async fn start_kernel(nats: &Nats, instance: &str) -> (Running, watch::Receiver<(u64, Hash)>) {
+    start_kernel_with(nats, instance, |_| {}).await
+}
+
+/// A kernel with the test's changes to its settings, reporting its (durable seq, state hash).
+pub(crate) async fn start_kernel_with(
+    nats: &Nats,
+    instance: &str,
+    tweak: impl FnOnce(&mut toka_kernel::KernelConfig),
+) -> (Running, watch::Receiver<(u64, Hash)>) {
     let (report, hashes) = watch::channel((0, Hash::ZERO));
-    let kernel = toka_kernel::KernelConfig {
+    let mut kernel = toka_kernel::KernelConfig {
         instance: instance.into(),
         lease_ttl_ms: 900,
         tick_ms: 20,
         snapshot_every: 50,
         ..Default::default()
     };
+    tweak(&mut kernel);
     let running = spawn_service(service::KERNEL, nats, Role::Kernel, move |nats, admin, bus, stop| {
         toka_kernel::run_reporting(toka_kernel::Config { nats, admin, kernel, ..Default::default() }, bus, stop, report)
     })
@@ -45,17 +55,17 @@ async fn start_kernel(nats: &Nats, instance: &str) -> (Running, watch::Receiver<
     (running, hashes)
 }
 
-struct Stack {
-    nats: Nats,
+pub(crate) struct Stack {
+    pub(crate) nats: Nats,
     dir: TempDir,
     storage: Option<Running>,
     _auth: Running,
     admin_key: String,
-    client: Bus,
+    pub(crate) client: Bus,
 }
 
 impl Stack {
-    async fn start(tag: &str) -> Option<Stack> {
+    pub(crate) async fn start(tag: &str) -> Option<Stack> {
         let nats = Nats::start().await?;
         let dir = temp_dir(tag);
         let storage = start_storage(&nats, &dir.path().join("storage")).await;
@@ -67,7 +77,7 @@ impl Stack {
         Some(Stack { nats, dir, storage: Some(storage), _auth: auth, admin_key, client })
     }
 
-    async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
+    pub(crate) async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
         let request = IssueRequest {
             credential: Credential::AdminKey(self.admin_key.clone()),
             sub: sub.parse().unwrap(),
@@ -79,13 +89,13 @@ impl Stack {
         reply.token
     }
 
-    async fn operator(&self) -> String {
+    pub(crate) async fn operator(&self) -> String {
         let agents = Capability::new(Pattern::AnyAgent, AGENT_ACTIONS);
         let tasks = Capability::new(Pattern::AnyQueue, TASK_ACTIONS);
         self.token("operator", vec![agents, tasks]).await
     }
 
-    async fn kernel_log(&self) -> Vec<toka_contract::KernelRecord> {
+    pub(crate) async fn kernel_log(&self) -> Vec<toka_contract::KernelRecord> {
         self.nats.read_log::<Operation>(LogName::Kernel).await
     }
 

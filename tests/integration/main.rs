@@ -4,6 +4,8 @@
 //! - `auth`: auth over NATS: issuing, the attack suite, revocation, rate limits, audit,
 //!   rotation, replicas, verifiers that fail closed, PyJWT interop.
 //! - `binaries`: the service binaries: configuration errors, `--dump-config`, OTLP export, SIGTERM.
+//! - `client`: the client library: submit with retries under one operation id, queries,
+//!   committed events followed from the stream.
 //! - `crash`: storage under SIGKILL, a read-only data directory, a full disk.
 //! - `docs`: the tables in `ARCHITECTURE.md` agree with the code.
 //! - `kernel`: the kernel over NATS: submit, duplicates, denials, queries, ticks, standby
@@ -16,6 +18,7 @@
 
 mod auth;
 mod binaries;
+mod client;
 mod crash;
 mod docs;
 mod harness;

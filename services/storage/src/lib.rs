@@ -371,55 +371,21 @@ async fn compact(wal: WalHandle, keep: u64, interval: Duration, mut stop: tokio:
 
 /// Registers every storage endpoint on `host`.
 async fn serve_endpoints(host: &mut Host, wal: &WalHandle) -> Result<(), host::Error> {
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_APPEND_KERNEL, move |req: KernelAppend| append(&w, LogName::Kernel, req.0)).await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_APPEND_AUDIT, move |req: AuditAppend| append(&w, LogName::Audit, req.0)).await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_READ, move |req: ReadRequest| {
-        let w = w.clone();
-        async move { read(&w, req).await }
+    // An append is checked and queued as it arrives, before the handler's first await, so a
+    // pipelining client's batches reach the WAL in the order it sent them.
+    host.serve(subject::STORAGE_APPEND_KERNEL, wal, |w, req: KernelAppend| append(&w, LogName::Kernel, req.0)).await?;
+    host.serve(subject::STORAGE_APPEND_AUDIT, wal, |w, req: AuditAppend| append(&w, LogName::Audit, req.0)).await?;
+    host.serve(subject::STORAGE_READ, wal, |w, req| async move { read(&w, req).await }).await?;
+    host.serve(subject::STORAGE_QUERY, wal, |w, req| async move { query(&w, req).await }).await?;
+    host.serve(subject::STORAGE_HEAD, wal, |w, req: HeadRequest| async move {
+        let head = on_wal(&w, move |wal| wal.head(req.log)).await?;
+        Ok(HeadReply { log: req.log, seq: head.seq, hash: head.hash })
     })
     .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_QUERY, move |req: QueryRequest| {
-        let w = w.clone();
-        async move { query(&w, req).await }
-    })
-    .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_HEAD, move |req: HeadRequest| {
-        let w = w.clone();
-        async move {
-            let head = on_wal(&w, move |wal| wal.head(req.log)).await?;
-            Ok(HeadReply { log: req.log, seq: head.seq, hash: head.hash })
-        }
-    })
-    .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_VERIFY, move |req: VerifyRequest| {
-        let w = w.clone();
-        async move { verify(&w, req).await }
-    })
-    .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_SNAPSHOT_PUT, move |req: SnapshotPutRequest| {
-        let w = w.clone();
-        async move { snapshot_put(&w, req).await }
-    })
-    .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_SNAPSHOT_GET, move |req: SnapshotGetRequest| {
-        let w = w.clone();
-        async move { snapshot_get(&w, req).await }
-    })
-    .await?;
-    let w = wal.clone();
-    host.endpoint(subject::STORAGE_STATUS, move |_: StatusRequest| {
-        let w = w.clone();
-        async move { status(&w).await }
-    })
-    .await?;
+    host.serve(subject::STORAGE_VERIFY, wal, |w, req| async move { verify(&w, req).await }).await?;
+    host.serve(subject::STORAGE_SNAPSHOT_PUT, wal, |w, req| async move { snapshot_put(&w, req).await }).await?;
+    host.serve(subject::STORAGE_SNAPSHOT_GET, wal, |w, req| async move { snapshot_get(&w, req).await }).await?;
+    host.serve(subject::STORAGE_STATUS, wal, |w, _: StatusRequest| async move { status(&w).await }).await?;
     Ok(())
 }
 

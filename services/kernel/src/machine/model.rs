@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use toka_contract::record::Hash;
-use toka_contract::spec::{ResourceLimits, RetryPolicy, Timeouts};
+use toka_contract::spec::{AgentSpec, ResourceLimits, RetryPolicy, TaskSpec, Timeouts};
 use toka_contract::{Action, Pattern, Record};
 
 use super::*;

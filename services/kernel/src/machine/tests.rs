@@ -2,7 +2,7 @@
 //! state byte-for-byte unchanged, and every test's log is replayed at the end.
 
 use toka_contract::record::Hash;
-use toka_contract::spec::{ResourceLimits, RetryPolicy, Timeouts};
+use toka_contract::spec::{AgentSpec, ObservationKind, ResourceLimits, RetryPolicy, TaskSpec, Timeouts};
 use toka_contract::{Action, Pattern, Record};
 
 use super::*;

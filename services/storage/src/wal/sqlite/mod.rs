@@ -17,6 +17,16 @@
 //!
 //! A data directory on a read-only mount is opened read-only: reads, queries and verification
 //! still work, and every write is refused with an error that says why.
+//!
+//! - `schema`: the tables, and bringing an older layout up to date.
+//! - `checkpoint`: the checkpoint thread.
+//! - `index`: events indexed behind the log, and queries over them.
+//! - `snapshot`: snapshot chunks stored and served.
+
+mod checkpoint;
+mod index;
+mod schema;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -25,33 +35,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, OptionalExtension as _, params};
 use toka_contract::record::{Hash, LogName};
 
-use super::{
-    Appended, Error, EventKey, Head, Hit, KEEP_SNAPSHOTS, Query, SnapshotChunk, StoredRecord, Wal, check_chunk,
-    compaction_limit, plan_append,
-};
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS records (
-    log TEXT NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL, prev_hash BLOB NOT NULL,
-    time_us INTEGER NOT NULL, body BLOB NOT NULL, event_keys BLOB,
-    PRIMARY KEY (log, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    log TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL, type TEXT NOT NULL,
-    entity TEXT, time_us INTEGER NOT NULL,
-    PRIMARY KEY (log, seq, idx)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_entity ON events (log, entity, seq, idx) WHERE entity IS NOT NULL;
-CREATE INDEX IF NOT EXISTS events_by_type ON events (log, type, seq, idx);
-CREATE TABLE IF NOT EXISTS logs (
-    log TEXT PRIMARY KEY, compacted_seq INTEGER NOT NULL DEFAULT 0,
-    compacted_hash BLOB, published_seq INTEGER NOT NULL DEFAULT 0,
-    indexed_seq INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS snapshots (
-    log TEXT NOT NULL, seq INTEGER NOT NULL, state_hash BLOB NOT NULL, chunks INTEGER NOT NULL,
-    PRIMARY KEY (log, seq));
-CREATE TABLE IF NOT EXISTS snapshot_chunks (
-    log TEXT NOT NULL, seq INTEGER NOT NULL, chunk INTEGER NOT NULL, data BLOB NOT NULL,
-    PRIMARY KEY (log, seq, chunk)) WITHOUT ROWID;
-";
+use self::checkpoint::Checkpointer;
+pub use self::index::INDEX_EVERY;
+use self::index::{Unindexed, encode_keys};
+use super::{Appended, Error, Head, Hit, Query, SnapshotChunk, StoredRecord, Wal, compaction_limit, plan_append};
 
 fn io(e: impl std::fmt::Display) -> Error {
     Error::Io(e.to_string())
@@ -63,32 +50,6 @@ fn hash_of(bytes: Vec<u8>) -> Result<Hash, Error> {
 
 fn seq_i64(seq: u64) -> Result<i64, Error> {
     i64::try_from(seq).map_err(|_| Error::Invalid(format!("sequence {seq} is out of range")))
-}
-
-/// How many committed records may wait to be indexed; the commit that reaches this many
-/// indexes them all.
-pub const INDEX_EVERY: usize = 256;
-
-/// A committed record whose events are not in the `events` table yet.
-#[derive(Debug, Clone)]
-struct Unindexed {
-    log: LogName,
-    seq: u64,
-    time_us: u64,
-    events: Vec<EventKey>,
-}
-
-/// A record's index keys as kept in its row: `[[type, entity or null], ...]`.
-fn encode_keys(events: &[EventKey]) -> Result<Vec<u8>, Error> {
-    let pairs: Vec<(&str, Option<&str>)> =
-        events.iter().map(|k| (k.event_type.as_str(), k.entity.as_deref())).collect();
-    serde_json::to_vec(&pairs).map_err(io)
-}
-
-fn decode_keys(seq: i64, bytes: &[u8]) -> Result<Vec<EventKey>, Error> {
-    let pairs: Vec<(String, Option<String>)> = serde_json::from_slice(bytes)
-        .map_err(|e| Error::Corrupt(format!("record {seq}: index keys do not decode: {e}")))?;
-    Ok(pairs.into_iter().map(|(event_type, entity)| EventKey { event_type, entity }).collect())
 }
 
 /// The SQLite WAL of one data directory.
@@ -107,53 +68,6 @@ pub struct SqliteWal {
     read_only: bool,
     _checkpointer: Option<Checkpointer>,
     _lock: File,
-}
-
-/// Copies committed WAL frames into the database file from a thread and connection of its own
-/// (a passive checkpoint never blocks the writer), so appends do not pay for checkpoints.
-/// Durability does not depend on it: a commit is durable once its WAL frames are fsynced.
-#[derive(Debug)]
-struct Checkpointer {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Checkpointer {
-    /// Often enough that a pass usually finds the whole WAL copied between two commits: the
-    /// next commit then starts the WAL file over instead of growing it without end under
-    /// steady load (which also made every fsync update the file's size).
-    const INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-    fn start(path: &Path) -> Result<Checkpointer, Error> {
-        use std::sync::atomic::Ordering;
-        let conn = Connection::open(path).map_err(io)?;
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA busy_timeout=1000;").map_err(io)?;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("toka-wal-checkpoint".into())
-            .spawn(move || {
-                while !stopping.load(Ordering::Relaxed) {
-                    std::thread::sleep(Self::INTERVAL);
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
-                    }
-                }
-                // A last full pass, so a clean stop leaves a small WAL behind.
-                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
-            })
-            .map_err(io)?;
-        Ok(Checkpointer { stop, thread: Some(thread) })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl Drop for SqliteWal {
@@ -209,7 +123,7 @@ impl SqliteWal {
                 | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
             tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
-            let unindexed = Self::unindexed_in(&conn)?;
+            let unindexed = index::unindexed_in(&conn)?;
             return Ok(SqliteWal {
                 conn,
                 unsaved_marks: BTreeMap::new(),
@@ -227,9 +141,9 @@ impl SqliteWal {
             return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;").map_err(io)?;
-        conn.execute_batch(SCHEMA).map_err(io)?;
-        Self::migrate(&conn)?;
-        let unindexed = Self::unindexed_in(&conn)?;
+        conn.execute_batch(schema::SCHEMA).map_err(io)?;
+        schema::migrate(&conn)?;
+        let unindexed = index::unindexed_in(&conn)?;
         let checkpointer = Some(Checkpointer::start(&path)?);
         let wal = SqliteWal {
             conn,
@@ -265,94 +179,6 @@ impl SqliteWal {
     fn writable(&self) -> Result<(), Error> {
         if self.read_only {
             return Err(Error::Io(format!("{} is on a read-only file system; writes are refused", self.dir.display())));
-        }
-        Ok(())
-    }
-
-    /// Brings a database written before events were indexed behind the log up to this
-    /// layout: every record it holds is indexed already.
-    fn migrate(conn: &Connection) -> Result<(), Error> {
-        let has = |table: &str, column: &str| -> Result<bool, Error> {
-            let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})")).map_err(io)?;
-            let names = stmt.query_map([], |r| r.get::<_, String>(1)).map_err(io)?;
-            for name in names {
-                if name.map_err(io)? == column {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        };
-        if !has("records", "event_keys")? {
-            conn.execute_batch("ALTER TABLE records ADD COLUMN event_keys BLOB").map_err(io)?;
-        }
-        if !has("logs", "indexed_seq")? {
-            conn.execute_batch(
-                "BEGIN;
-                 ALTER TABLE logs ADD COLUMN indexed_seq INTEGER NOT NULL DEFAULT 0;
-                 INSERT OR IGNORE INTO logs (log) SELECT DISTINCT log FROM records;
-                 UPDATE logs SET indexed_seq = coalesce((SELECT max(seq) FROM records r WHERE r.log = logs.log), 0);
-                 COMMIT;",
-            )
-            .map_err(io)?;
-        }
-        Ok(())
-    }
-
-    /// The records committed after each log's indexed sequence, with their index keys.
-    fn unindexed_in(conn: &Connection) -> Result<Vec<Unindexed>, Error> {
-        let mut out = Vec::new();
-        for log in LogName::ALL {
-            // A database from before this layout has no `indexed_seq`: all of it is indexed.
-            let indexed: i64 = match conn
-                .query_row("SELECT indexed_seq FROM logs WHERE log = ?1", [log.as_str()], |r| r.get(0))
-                .optional()
-            {
-                Ok(seq) => seq.unwrap_or(0),
-                Err(_) => continue,
-            };
-            let mut stmt = conn
-                .prepare("SELECT seq, time_us, event_keys FROM records WHERE log = ?1 AND seq > ?2 ORDER BY seq")
-                .map_err(io)?;
-            let mut rows = stmt.query(params![log.as_str(), indexed]).map_err(io)?;
-            while let Some(row) = rows.next().map_err(io)? {
-                let seq: i64 = row.get(0).map_err(io)?;
-                let keys: Option<Vec<u8>> = row.get(2).map_err(io)?;
-                out.push(Unindexed {
-                    log,
-                    seq: seq as u64,
-                    time_us: row.get::<_, i64>(1).map_err(io)? as u64,
-                    events: keys.map(|k| decode_keys(seq, &k)).transpose()?.unwrap_or_default(),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// Writes the events of `records` into the `events` table and moves each log's indexed
-    /// sequence past them, in the caller's transaction.
-    fn index(conn: &Connection, records: &[Unindexed]) -> Result<(), Error> {
-        let mut insert = conn
-            .prepare_cached(
-                "INSERT OR IGNORE INTO events (log, seq, idx, type, entity, time_us) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .map_err(io)?;
-        let mut last = BTreeMap::new();
-        for r in records {
-            let (seq, time) = (seq_i64(r.seq)?, seq_i64(r.time_us)?);
-            for (idx, key) in r.events.iter().enumerate() {
-                insert
-                    .execute(params![r.log.as_str(), seq, idx as i64, key.event_type, key.entity, time])
-                    .map_err(io)?;
-            }
-            last.insert(r.log, seq);
-        }
-        let mut mark = conn
-            .prepare_cached(
-                "INSERT INTO logs (log, indexed_seq) VALUES (?1, ?2) ON CONFLICT (log) DO UPDATE SET indexed_seq = ?2",
-            )
-            .map_err(io)?;
-        for (log, seq) in last {
-            mark.execute(params![log.as_str(), seq]).map_err(io)?;
         }
         Ok(())
     }
@@ -482,8 +308,8 @@ impl Wal for SqliteWal {
             && tx
                 .execute_batch("SAVEPOINT idx")
                 .map_err(io)
-                .and_then(|()| Self::index(&tx, &self.unindexed))
-                .and_then(|()| Self::index(&tx, &unindexed))
+                .and_then(|()| index::index(&tx, &self.unindexed))
+                .and_then(|()| index::index(&tx, &unindexed))
                 .and_then(|()| tx.execute_batch("RELEASE idx").map_err(io))
                 .inspect_err(|e| {
                     tracing::warn!(error = %e, "indexing events failed; will retry with the next commit");
@@ -554,123 +380,13 @@ impl Wal for SqliteWal {
     }
 
     fn query(&self, log: LogName, q: &Query) -> Result<Vec<Hit>, Error> {
-        let (after_seq, after_idx) = q.after.map_or((0, -1), |(s, i)| (seq_i64(s).unwrap_or(i64::MAX), i64::from(i)));
-        // Only the filters given go into the statement, so the planner can seek on the entity
-        // or type index (a `?2 IS NULL OR entity = ?2` form makes it scan). One cached
-        // statement per shape; unused parameter numbers bind nothing.
-        let mut sql = String::from("SELECT seq, idx, time_us FROM events WHERE log = ?1");
-        for (given, term) in [
-            (q.entity.is_some(), " AND entity = ?2"),
-            (q.event_type.is_some(), " AND type = ?3"),
-            (q.from_time_us.is_some(), " AND time_us >= ?4"),
-            (q.to_time_us.is_some(), " AND time_us < ?5"),
-        ] {
-            if given {
-                sql.push_str(term);
-            }
-        }
-        sql.push_str(" AND (seq > ?6 OR (seq = ?6 AND idx > ?7)) ORDER BY seq, idx LIMIT ?8");
-        let mut stmt = self.conn.prepare_cached(&sql).map_err(io)?;
-        let from = q.from_time_us.map(seq_i64).transpose()?;
-        let to = q.to_time_us.map(seq_i64).transpose()?;
-        let rows = stmt
-            .query_map(
-                params![log.as_str(), q.entity, q.event_type, from, to, after_seq, after_idx, q.limit as i64],
-                |r| {
-                    Ok(Hit {
-                        seq: r.get::<_, i64>(0)? as u64,
-                        idx: r.get::<_, i64>(1)? as u16,
-                        time_us: r.get::<_, i64>(2)? as u64,
-                    })
-                },
-            )
-            .map_err(io)?;
-        let mut hits = rows.collect::<Result<Vec<_>, _>>().map_err(io)?;
-        // Records not indexed yet all follow the indexed ones: their hits come after.
-        let after = q.after.map(|(s, i)| (s, i64::from(i))).unwrap_or((0, -1));
-        for r in self.unindexed.iter().filter(|r| r.log == log) {
-            if hits.len() >= q.limit {
-                break;
-            }
-            let in_time = q.from_time_us.is_none_or(|t| r.time_us >= t) && q.to_time_us.is_none_or(|t| r.time_us < t);
-            for (idx, key) in r.events.iter().enumerate() {
-                let matches = in_time
-                    && (r.seq, idx as i64) > after
-                    && q.entity.as_ref().is_none_or(|e| key.entity.as_ref() == Some(e))
-                    && q.event_type.as_ref().is_none_or(|t| &key.event_type == t);
-                if matches && hits.len() < q.limit {
-                    hits.push(Hit { seq: r.seq, idx: idx as u16, time_us: r.time_us });
-                }
-            }
-        }
-        Ok(hits)
+        index::query(&self.conn, &self.unindexed, log, q)
     }
 
     fn put_snapshot_chunk(&mut self, log: LogName, c: SnapshotChunk) -> Result<bool, Error> {
         self.writable()?;
-        check_chunk(&c, self.head(log)?)?;
-        let tx = self.conn.transaction().map_err(io)?;
-        let seq = seq_i64(c.seq)?;
-        let existing: Option<(Vec<u8>, i64)> = tx
-            .query_row(
-                "SELECT state_hash, chunks FROM snapshots WHERE log = ?1 AND seq = ?2",
-                params![log.as_str(), seq],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(io)?;
-        match existing {
-            Some((hash, chunks)) if hash != c.state_hash.0 || chunks != i64::from(c.chunks) => {
-                return Err(Error::Invalid(format!(
-                    "snapshot at {} was started with another hash or chunk count",
-                    c.seq
-                )));
-            }
-            Some(_) => {}
-            None => {
-                tx.execute(
-                    "INSERT INTO snapshots (log, seq, state_hash, chunks) VALUES (?1, ?2, ?3, ?4)",
-                    params![log.as_str(), seq, &c.state_hash.0[..], c.chunks],
-                )
-                .map_err(io)?;
-            }
-        }
-        tx.execute(
-            "INSERT OR REPLACE INTO snapshot_chunks (log, seq, chunk, data) VALUES (?1, ?2, ?3, ?4)",
-            params![log.as_str(), seq, c.chunk, c.data],
-        )
-        .map_err(io)?;
-        let have: i64 = tx
-            .query_row(
-                "SELECT count(*) FROM snapshot_chunks WHERE log = ?1 AND seq = ?2",
-                params![log.as_str(), seq],
-                |r| r.get(0),
-            )
-            .map_err(io)?;
-        let complete = have == i64::from(c.chunks);
-        if complete {
-            let oldest_kept: Option<i64> = tx
-                .query_row(
-                    "SELECT s.seq FROM snapshots s WHERE s.log = ?1
-                       AND (SELECT count(*) FROM snapshot_chunks c WHERE c.log = s.log AND c.seq = s.seq) = s.chunks
-                     ORDER BY s.seq DESC LIMIT 1 OFFSET ?2",
-                    params![log.as_str(), KEEP_SNAPSHOTS as i64 - 1],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(io)?;
-            if let Some(oldest_kept) = oldest_kept {
-                for table in ["snapshot_chunks", "snapshots"] {
-                    tx.execute(
-                        &format!("DELETE FROM {table} WHERE log = ?1 AND seq < ?2"),
-                        params![log.as_str(), oldest_kept],
-                    )
-                    .map_err(io)?;
-                }
-            }
-        }
-        tx.commit().map_err(io)?;
-        Ok(complete)
+        let head = self.head(log)?;
+        snapshot::put(&mut self.conn, log, head, c)
     }
 
     fn snapshot_chunk(
@@ -679,34 +395,7 @@ impl Wal for SqliteWal {
         at_or_before: Option<u64>,
         chunk: u32,
     ) -> Result<Option<SnapshotChunk>, Error> {
-        let limit = seq_i64(at_or_before.unwrap_or(i64::MAX as u64))?;
-        let newest: Option<(i64, Vec<u8>, u32)> = self
-            .conn
-            .query_row(
-                "SELECT s.seq, s.state_hash, s.chunks FROM snapshots s WHERE s.log = ?1 AND s.seq <= ?2
-                   AND (SELECT count(*) FROM snapshot_chunks c WHERE c.log = s.log AND c.seq = s.seq) = s.chunks
-                 ORDER BY s.seq DESC LIMIT 1",
-                params![log.as_str(), limit],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(io)?;
-        let Some((seq, state_hash, chunks)) = newest else { return Ok(None) };
-        let data: Option<Vec<u8>> = self
-            .conn
-            .query_row(
-                "SELECT data FROM snapshot_chunks WHERE log = ?1 AND seq = ?2 AND chunk = ?3",
-                params![log.as_str(), seq, chunk],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(io)?;
-        Ok(match data {
-            Some(data) => {
-                Some(SnapshotChunk { seq: seq as u64, state_hash: hash_of(state_hash)?, chunk, chunks, data })
-            }
-            None => None,
-        })
+        snapshot::get(&self.conn, log, at_or_before, chunk)
     }
 
     fn compact(&mut self, log: LogName, through_seq: u64) -> Result<u64, Error> {

@@ -1,0 +1,214 @@
+//! Auth's endpoints.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TokenId;
+use crate::capability::Capability;
+use crate::spec::Principal;
+
+/// How a caller of an administrative endpoint proves itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Credential {
+    /// A token holding the needed `token:*` action.
+    Token(String),
+    /// The admin key configured at deploy time.
+    AdminKey(String),
+}
+
+/// `toka.auth.v1.issue`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueRequest {
+    /// Who asks (admin key, or a token with `issue` on `token:*`).
+    pub credential: Credential,
+    /// The new token's subject.
+    pub sub: Principal,
+    /// What it allows (at least one).
+    pub capabilities: Vec<Capability>,
+    /// Lifetime in milliseconds, at most the configured maximum.
+    pub ttl_ms: u64,
+    /// Whether verifiers accept it only once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_time: bool,
+}
+
+/// A token handed out by issue or delegate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenReply {
+    /// The JWT.
+    pub token: String,
+    /// Its id.
+    pub jti: TokenId,
+    /// When it expires.
+    pub expires_at_us: u64,
+    /// Its delegation depth (0 for an issued token).
+    pub depth: u8,
+}
+
+/// `toka.auth.v1.delegate`: a child of `token` with a subset of its capabilities.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelegateRequest {
+    /// The parent token, held by the caller.
+    pub token: String,
+    /// The child's subject (default: the parent's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub: Option<Principal>,
+    /// What the child allows; each must be covered by one of the parent's.
+    pub capabilities: Vec<Capability>,
+    /// Lifetime in milliseconds; the child never outlives its parent.
+    pub ttl_ms: u64,
+    /// Whether verifiers accept it only once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_time: bool,
+}
+
+/// `toka.auth.v1.revoke`: revoke a token and every token delegated from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// Who asks: the admin key, a token with `revoke` on `token:*`, or the token itself or
+    /// an ancestor of it.
+    pub credential: Credential,
+    /// The token to revoke.
+    pub jti: TokenId,
+    /// Why.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// The outcome of a revocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeReply {
+    /// The revoked token.
+    pub jti: TokenId,
+    /// The revocation epoch now.
+    pub epoch: u64,
+}
+
+/// `toka.auth.v1.jwks` (the request body is `{}`): RFC 7517 key set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksRequest {}
+
+/// One public key (RFC 8037 OKP, Ed25519).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Jwk {
+    /// Always `OKP`.
+    pub kty: String,
+    /// Always `Ed25519`.
+    pub crv: String,
+    /// Always `EdDSA`.
+    pub alg: String,
+    /// Always `sig`.
+    #[serde(rename = "use")]
+    pub use_: String,
+    /// The key id, as in tokens' `kid` header.
+    pub kid: String,
+    /// The public key, base64url without padding.
+    pub x: String,
+}
+
+/// The key set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksReply {
+    /// Every key that verifies now, the signing key first.
+    pub keys: Vec<Jwk>,
+}
+
+/// `toka.auth.v1.rotate`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// Who asks (admin key, or a token with `rotate` on `token:*`).
+    pub credential: Credential,
+}
+
+/// The outcome of a rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateReply {
+    /// The new signing key.
+    pub kid: String,
+    /// The key it replaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_kid: Option<String>,
+    /// When the previous key stops verifying.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at_us: Option<u64>,
+}
+
+/// `toka.auth.v1.revocations` (the request body is `{}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationsRequest {}
+
+/// One revocation in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    /// The revoked token.
+    pub jti: TokenId,
+    /// When.
+    pub revoked_at_us: u64,
+    /// When the token would have expired; the entry can be dropped after.
+    pub expires_at_us: u64,
+}
+
+/// Every revocation in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationsReply {
+    /// The revocation epoch (how many revocations ever).
+    pub epoch: u64,
+    /// The revocations.
+    pub revoked: Vec<Revocation>,
+}
+
+/// Published on [`crate::subject::AUTH_HEARTBEAT`] every `interval_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The revocation epoch.
+    pub epoch: u64,
+    /// Auth's clock when sent.
+    pub time_us: u64,
+    /// The heartbeat interval.
+    pub interval_ms: u64,
+}
+
+/// The claims of a Toka token (the JWT payload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    /// The issuer (the deployment's auth).
+    pub iss: String,
+    /// The subject.
+    pub sub: Principal,
+    /// The audience.
+    pub aud: String,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Not before, seconds since the epoch.
+    pub nbf: u64,
+    /// Issued at, seconds since the epoch.
+    pub iat: u64,
+    /// The token id.
+    pub jti: TokenId,
+    /// What it allows.
+    pub caps: Vec<Capability>,
+    /// Ancestors' ids, the issued root first; empty for an issued token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<TokenId>,
+    /// Delegation depth: `chain.len()`.
+    #[serde(default, skip_serializing_if = "crate::spec::is_default")]
+    pub depth: u8,
+    /// Accepted only once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub once: bool,
+}

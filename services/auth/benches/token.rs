@@ -10,26 +10,20 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use toka_auth::signing::SigningKey;
 use toka_contract::api::auth::{Claims, JwksReply};
 use toka_contract::{Action, Capability, Pattern, TokenId};
-use toka_runtime::token::{AUDIENCE, ISSUER, Verifier};
+use toka_runtime::token::Verifier;
 
 const NOW: u64 = 1_764_150_000;
 
 fn claims(jti: u128) -> Claims {
     Claims {
-        iss: ISSUER.into(),
-        sub: "operator".parse().unwrap(),
-        aud: AUDIENCE.into(),
         exp: NOW + 3_600,
-        nbf: NOW,
-        iat: NOW,
-        jti: TokenId::from_u128(jti),
         caps: vec![
             Capability::new(Pattern::AnyAgent, &[Action::Spawn, Action::Read]),
             Capability::new(Pattern::AnyQueue, &[Action::Claim, Action::Complete]),
         ],
         chain: vec![TokenId::from_u128(1)],
         depth: 1,
-        once: false,
+        ..toka_contract::testing::claims(jti, NOW)
     }
 }
 

@@ -87,7 +87,6 @@ pub fn delegate(
 mod tests {
     use toka_contract::capability::{Action, Capability, NoLineage, Pattern};
     use toka_contract::{AgentId, TokenId};
-    use toka_runtime::token::{AUDIENCE, ISSUER};
 
     use super::*;
 
@@ -95,20 +94,11 @@ mod tests {
 
     fn parent() -> Claims {
         Claims {
-            iss: ISSUER.into(),
-            sub: "operator".parse().unwrap(),
-            aud: AUDIENCE.into(),
-            exp: NOW + 600,
-            nbf: NOW - 5,
-            iat: NOW - 5,
-            jti: TokenId::from_u128(1),
             caps: vec![
                 Capability::new(Pattern::AnyAgent, &[Action::Spawn, Action::Read]),
                 Capability::new(Pattern::AnyQueue, &[Action::Claim]),
             ],
-            chain: Vec::new(),
-            depth: 0,
-            once: false,
+            ..toka_contract::testing::claims(1, NOW)
         }
     }
 

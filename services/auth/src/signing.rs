@@ -92,29 +92,15 @@ impl SigningKey {
 #[cfg(test)]
 mod tests {
     use jsonwebtoken::EncodingKey;
-    use toka_contract::TokenId;
     use toka_contract::api::auth::JwksReply;
-    use toka_contract::capability::{Action, Capability, Pattern};
-    use toka_runtime::token::{AUDIENCE, ISSUER, Verifier};
+    use toka_runtime::token::Verifier;
 
     use super::*;
 
     const NOW: u64 = 1_764_150_000;
 
     fn claims(jti: u128) -> Claims {
-        Claims {
-            iss: ISSUER.into(),
-            sub: "operator".parse().unwrap(),
-            aud: AUDIENCE.into(),
-            exp: NOW + 600,
-            nbf: NOW - 5,
-            iat: NOW - 5,
-            jti: TokenId::from_u128(jti),
-            caps: vec![Capability::new(Pattern::AnyAgent, &[Action::Spawn])],
-            chain: Vec::new(),
-            depth: 0,
-            once: false,
-        }
+        toka_contract::testing::claims(jti, NOW)
     }
 
     #[test]

@@ -265,4 +265,24 @@ mod tests {
         assert!(matches("toka.evt.>", "toka.evt.kernel.task.failed.x"));
         assert!(!matches("toka.kernel.v1.>", "toka.kernel.v1"));
     }
+
+    #[test]
+    fn each_role_has_its_own_user_name() {
+        let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names, ["kernel", "storage", "auth", "telemetry", "client", "operator"]);
+    }
+
+    #[test]
+    fn discovery_and_the_events_stream_are_open_to_observers_only() {
+        for role in [Role::Telemetry, Role::Client, Role::Operator] {
+            for subject in ["$SRV.PING", "$SRV.INFO.toka-kernel", "$SRV.STATS.toka-auth.abc"] {
+                assert!(may_publish(role, subject), "{role:?} may ask {subject}");
+            }
+            assert!(may_publish(role, "$JS.API.CONSUMER.CREATE.TOKA_EVENTS"), "{role:?} may consume events");
+            assert!(may_publish(role, "$JS.API.STREAM.INFO.TOKA_EVENTS"), "{role:?} may find the stream");
+            assert!(may_publish(role, "$JS.ACK.TOKA_EVENTS.c.1.1.1.1.1"), "{role:?} may acknowledge");
+            assert!(!may_publish(role, "$JS.API.STREAM.INFO.OTHER"), "{role:?} sees no other stream");
+        }
+        assert!(!may_publish(Role::Storage, "$SRV.PING"), "services answer discovery, they do not ask");
+    }
 }

@@ -454,4 +454,85 @@ mod tests {
             assert_eq!(a.as_str().parse::<Action>(), Ok(*a));
         }
     }
+
+    #[test]
+    fn every_pattern_matches_exactly_its_own_kind_of_target() {
+        let t = tree();
+        let (gpu, cpu): (QueueName, QueueName) = ("gpu".parse().unwrap(), "cpu".parse().unwrap());
+        let targets =
+            [Target::Root, Target::Agent(t.root), Target::Agent(t.child), Target::Queue(&gpu), Target::Tokens];
+        let expect = |pattern: &Pattern, wanted: &[bool; 5]| {
+            let got: Vec<bool> = targets.iter().map(|target| pattern.matches(*target, &NoLineage)).collect();
+            assert_eq!(got, wanted, "{pattern}");
+        };
+        expect(&Pattern::AnyAgent, &[true, true, true, false, false]);
+        expect(&Pattern::Agent(t.root), &[false, true, false, false, false]);
+        expect(&Pattern::Subtree(t.child), &[false, false, true, false, false]);
+        expect(&Pattern::AnyQueue, &[false, false, false, true, false]);
+        expect(&Pattern::Queue(gpu.clone()), &[false, false, false, true, false]);
+        expect(&Pattern::Queue(cpu), &[false, false, false, false, false]);
+        expect(&Pattern::Tokens, &[false, false, false, false, true]);
+    }
+
+    #[test]
+    fn every_pattern_covers_exactly_what_it_names() {
+        let t = tree();
+        let gpu: QueueName = "gpu".parse().unwrap();
+        let patterns = [
+            Pattern::AnyAgent,
+            Pattern::Agent(t.root),
+            Pattern::Agent(t.child),
+            Pattern::Subtree(t.root),
+            Pattern::Subtree(t.child),
+            Pattern::AnyQueue,
+            Pattern::Queue(gpu.clone()),
+            Pattern::Queue("cpu".parse().unwrap()),
+            Pattern::Tokens,
+        ];
+        // Row: the parent pattern; column: the child pattern, in the order above.
+        let covered: [[u8; 9]; 9] = [
+            [1, 1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 1, 0, 0, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 1, 0, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 0, 0, 0, 0, 1, 0],
+            [0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ];
+        for (parent, row) in patterns.iter().zip(covered) {
+            let got: Vec<u8> = patterns.iter().map(|child| u8::from(parent.covers(child, &t))).collect();
+            assert_eq!(got, row, "what {parent} covers");
+        }
+        // Without the tree, a subtree covers only itself and its root agent.
+        assert!(!Pattern::Subtree(t.root).covers(&Pattern::Agent(t.child), &NoLineage));
+        assert!(Pattern::Subtree(t.root).covers(&Pattern::Agent(t.root), &NoLineage));
+    }
+
+    #[test]
+    fn an_action_added_twice_stays_in_the_set() {
+        let read = ActionSet::EMPTY.with(Action::Read);
+        assert_eq!(read.with(Action::Read), read);
+        assert!(ActionSet::of(&[Action::Read, Action::Read]).contains(Action::Read));
+        assert!(read.is_subset(ActionSet::of(&[Action::Read, Action::Spawn])));
+        assert!(!ActionSet::of(&[Action::Read, Action::Spawn]).is_subset(read));
+        assert!(ActionSet::EMPTY.is_empty() && !read.is_empty());
+        assert_eq!(
+            ActionSet::of(&[Action::Rotate, Action::Spawn]).iter().collect::<Vec<_>>(),
+            [Action::Spawn, Action::Rotate]
+        );
+    }
+
+    #[test]
+    fn actions_and_targets_print_as_the_grammar_spells_them() {
+        let t = tree();
+        let gpu: QueueName = "gpu".parse().unwrap();
+        assert_eq!(format!("{} {}", Action::Read, Action::Heartbeat), "read heartbeat");
+        let printed: Vec<String> = [Target::Root, Target::Agent(t.root), Target::Queue(&gpu), Target::Tokens]
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(printed, ["agent:*".to_owned(), format!("agent:{}", t.root), "task:gpu".into(), "token:*".into()]);
+    }
 }

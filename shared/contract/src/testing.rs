@@ -1,9 +1,11 @@
 //! Builders the crates' tests and benchmarks share (feature `test-util`; never in a product
-//! build): chains of kernel records of a few sample kinds.
+//! build): chains of kernel records of a few sample kinds, token claims.
 
 use crate::AgentId;
+use crate::api::auth::{AUDIENCE, Claims, ISSUER};
+use crate::capability::{Action, Capability, Pattern};
 use crate::event::Event;
-use crate::id::{OpId, TaskId};
+use crate::id::{OpId, TaskId, TokenId};
 use crate::op::Operation;
 use crate::record::{Chain, KernelRecord};
 use crate::spec::{AgentSpec, TaskSpec};
@@ -83,4 +85,22 @@ pub fn kernel_records(chain: &mut Chain, n: u64, kind: Sample) -> Vec<KernelReco
 pub fn kernel_chain(n: u64, kind: Sample) -> Vec<KernelRecord> {
     let mut chain = Chain::START;
     kernel_records(&mut chain, n, kind)
+}
+
+/// The claims of an issued token `jti` held by `operator`, valid from 5 s before `now_s` for
+/// 10 minutes, allowing `spawn` on `agent:*`.
+pub fn claims(jti: u128, now_s: u64) -> Claims {
+    Claims {
+        iss: ISSUER.into(),
+        sub: "operator".parse().expect("a valid principal"),
+        aud: AUDIENCE.into(),
+        exp: now_s + 600,
+        nbf: now_s - 5,
+        iat: now_s - 5,
+        jti: TokenId::from_u128(jti),
+        caps: vec![Capability::new(Pattern::AnyAgent, &[Action::Spawn])],
+        chain: Vec::new(),
+        depth: 0,
+        once: false,
+    }
 }

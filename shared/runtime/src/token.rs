@@ -19,10 +19,7 @@ use toka_contract::TokenId;
 use toka_contract::api::auth::{Claims, JwksReply};
 use toka_contract::wire::{ErrorCode, WireError};
 
-/// The audience of every Toka token.
-pub const AUDIENCE: &str = "toka";
-/// The issuer of every Toka token.
-pub const ISSUER: &str = "toka-auth";
+pub use toka_contract::api::auth::{AUDIENCE, ISSUER};
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -276,19 +273,7 @@ mod tests {
     const KEY: Key = Key { kid: "k1", seed: [7; 32] };
 
     fn claims(jti: u128) -> Claims {
-        Claims {
-            iss: ISSUER.into(),
-            sub: "operator".parse().unwrap(),
-            aud: AUDIENCE.into(),
-            exp: NOW + 600,
-            nbf: NOW - 5,
-            iat: NOW - 5,
-            jti: TokenId::from_u128(jti),
-            caps: vec![Capability::new(Pattern::AnyAgent, &[Action::Spawn])],
-            chain: Vec::new(),
-            depth: 0,
-            once: false,
-        }
+        toka_contract::testing::claims(jti, NOW)
     }
 
     fn verifier() -> Verifier {

@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The audience of every Toka token (`aud`).
+pub const AUDIENCE: &str = "toka";
+/// The issuer of every Toka token (`iss`).
+pub const ISSUER: &str = "toka-auth";
+
 use crate::TokenId;
 use crate::capability::Capability;
 use crate::spec::Principal;

@@ -106,7 +106,7 @@ impl SqliteWal {
             Err(std::fs::TryLockError::Error(e)) => return Err(Error::Io(format!("{}: {e}", lock_path.display()))),
         }
         let path = dir.join("wal.sqlite3");
-        if read_only {
+        let (conn, checkpointer) = if read_only {
             // SQLite cannot take its WAL locks on a read-only file system; with no WAL frames
             // left to replay, the database file alone is the whole log and opens immutable. A
             // non-empty WAL file holds committed data only a writable mount can recover.
@@ -123,28 +123,20 @@ impl SqliteWal {
                 | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(uri, flags).map_err(io)?;
             tracing::warn!(dir = %dir.display(), "data directory is read-only: serving reads, refusing writes");
-            let unindexed = index::unindexed_in(&conn)?;
-            return Ok(SqliteWal {
-                conn,
-                unsaved_marks: BTreeMap::new(),
-                heads: BTreeMap::new(),
-                unindexed,
-                dir: dir.to_owned(),
-                read_only,
-                _checkpointer: None,
-                _lock: lock,
-            });
-        }
-        let conn = Connection::open(&path).map_err(io)?;
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
-        }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;").map_err(io)?;
-        conn.execute_batch(schema::SCHEMA).map_err(io)?;
-        schema::migrate(&conn)?;
+            (conn, None)
+        } else {
+            let conn = Connection::open(&path).map_err(io)?;
+            let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(io)?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(Error::Io(format!("journal_mode is {mode}, not wal")));
+            }
+            conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA cache_size=-65536; PRAGMA wal_autocheckpoint=0; PRAGMA temp_store=MEMORY; PRAGMA journal_size_limit=67108864;").map_err(io)?;
+            conn.execute_batch(schema::SCHEMA).map_err(io)?;
+            schema::migrate(&conn)?;
+            let checkpointer = Checkpointer::start(&path)?;
+            (conn, Some(checkpointer))
+        };
         let unindexed = index::unindexed_in(&conn)?;
-        let checkpointer = Some(Checkpointer::start(&path)?);
         let wal = SqliteWal {
             conn,
             unsaved_marks: BTreeMap::new(),
@@ -155,6 +147,9 @@ impl SqliteWal {
             _checkpointer: checkpointer,
             _lock: lock,
         };
+        if read_only {
+            return Ok(wal);
+        }
         if wal.synchronous()? != 2 {
             return Err(Error::Io("synchronous is not FULL".into()));
         }

@@ -223,31 +223,27 @@ impl Verifier {
     }
 }
 
+/// Signing keys for tests, signing through `jsonwebtoken` itself: verifiers are checked against
+/// the library's tokens, not against auth's signer.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     #![allow(clippy::unwrap_used)]
-    use jsonwebtoken::{EncodingKey, Header};
-    use toka_contract::api::auth::Jwk;
-    use toka_contract::capability::{Action, Capability, Pattern};
+    use base64::Engine as _;
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    use toka_contract::api::auth::{Claims, Jwk};
 
-    use super::*;
-
-    const NOW: u64 = 1_764_150_000;
-    const LEEWAY: u64 = 2;
-
-    fn b64url(bytes: &[u8]) -> String {
+    pub(crate) fn b64url(bytes: &[u8]) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// A signing key for tests, signing through `jsonwebtoken` itself: the verifier is checked
-    /// against the library's tokens, not against auth's signer.
-    struct Key {
-        kid: &'static str,
-        seed: [u8; 32],
+    /// A test signing key.
+    pub(crate) struct Key {
+        pub(crate) kid: &'static str,
+        pub(crate) seed: [u8; 32],
     }
 
     impl Key {
-        fn jwk(&self) -> Jwk {
+        pub(crate) fn jwk(&self) -> Jwk {
             let public = ed25519_dalek::SigningKey::from_bytes(&self.seed).verifying_key().to_bytes();
             Jwk {
                 kty: "OKP".into(),
@@ -259,7 +255,7 @@ mod tests {
             }
         }
 
-        fn sign(&self, claims: &Claims) -> String {
+        pub(crate) fn sign(&self, claims: &Claims) -> String {
             // PKCS#8 v1 wrapping of the seed (RFC 8410).
             let prefix =
                 [0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
@@ -270,7 +266,22 @@ mod tests {
         }
     }
 
-    const KEY: Key = Key { kid: "k1", seed: [7; 32] };
+    pub(crate) const KEY: Key = Key { kid: "k1", seed: [7; 32] };
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use jsonwebtoken::{EncodingKey, Header};
+    use toka_contract::api::auth::Jwk;
+
+    use super::testing::{KEY, Key, b64url};
+    use toka_contract::capability::{Action, Capability, Pattern};
+
+    use super::*;
+
+    const NOW: u64 = 1_764_150_000;
+    const LEEWAY: u64 = 2;
 
     fn claims(jti: u128) -> Claims {
         toka_contract::testing::claims(jti, NOW)

@@ -1,5 +1,5 @@
 //! The token verifier every service that accepts tokens runs: a [`Verifier`] kept current
-//! from auth over NATS.
+//! from auth.
 //!
 //! - Keys: the JWKS is fetched at start, again when a `auth.key_rotated` event announces a
 //!   rotation, and on an unknown `kid` at most once per `jwks_refetch_ms`.
@@ -9,22 +9,27 @@
 //! - Fail closed: when no heartbeat has arrived for `max_silence_ms`, every token is refused
 //!   with `unavailable` until one does: a verifier that cannot hear revocations does not
 //!   accept tokens.
+//!
+//! What auth says reaches the verifier through [`AuthSource`]: [`Bus`] asks auth and listens
+//! on NATS; unit tests speak for auth from memory, on Tokio's paused clock.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt as _;
+use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
-
-use crate::bus::{Bus, RequestError};
-use crate::token::{self, Verifier};
 use toka_contract::api::auth::{Claims, Heartbeat, JwksReply, JwksRequest, RevocationsReply, RevocationsRequest};
-use toka_contract::capability::{self, Action, Lineage, Target};
 use toka_contract::envelope::Envelope;
 use toka_contract::event::Event;
 use toka_contract::subject;
 use toka_contract::wire::{ErrorCode, WireError};
+use tokio::time::Instant;
+
+use crate::bus::{Bus, RequestError};
+use crate::token::{self, Verifier};
 
 /// How a service checks tokens (the `[verifier]` section of its configuration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,29 +73,76 @@ pub enum StartError {
     },
 }
 
-struct Shared {
-    bus: Bus,
+/// Something auth publishes that a verifier follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// The revocation heartbeat.
+    Heartbeat(Heartbeat),
+    /// A committed event of the audit log (a revocation, a key rotation, …).
+    Event(Event),
+}
+
+/// Where a verifier hears from auth.
+pub trait AuthSource: Clone + Send + Sync + 'static {
+    /// The JWKS.
+    fn jwks(&self) -> impl Future<Output = Result<JwksReply, RequestError>> + Send;
+    /// Every revocation in force, with the epoch.
+    fn revocations(&self) -> impl Future<Output = Result<RevocationsReply, RequestError>> + Send;
+    /// What auth publishes from now on: heartbeats and audit events.
+    fn notices(&self) -> impl Future<Output = Result<BoxStream<'static, Notice>, StartError>> + Send;
+}
+
+impl AuthSource for Bus {
+    async fn jwks(&self) -> Result<JwksReply, RequestError> {
+        self.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await
+    }
+
+    async fn revocations(&self) -> Result<RevocationsReply, RequestError> {
+        self.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest {}).await
+    }
+
+    async fn notices(&self) -> Result<BoxStream<'static, Notice>, StartError> {
+        let subscribe = |subject: &'static str| async move {
+            self.client().subscribe(subject).await.map_err(|e| StartError::Subscribe { subject, reason: e.to_string() })
+        };
+        let heartbeats = subscribe(subject::AUTH_HEARTBEAT).await?.filter_map(|message| async move {
+            let beat = serde_json::from_slice::<Heartbeat>(&message.payload);
+            if beat.is_err() {
+                tracing::warn!("an auth heartbeat that does not parse; ignored");
+            }
+            beat.ok().map(Notice::Heartbeat)
+        });
+        let events = subscribe(subject::AUTH_EVENTS).await?.filter_map(|message| async move {
+            serde_json::from_slice::<Envelope>(&message.payload).ok().map(|envelope| Notice::Event(envelope.data))
+        });
+        Ok(futures::stream::select(heartbeats, events).boxed())
+    }
+}
+
+struct Shared<S> {
+    source: S,
     config: VerifierConfig,
     verifier: RwLock<Verifier>,
     epoch: AtomicU64,
     last_heard: Mutex<Instant>,
     last_refetch: Mutex<Option<Instant>>,
     jwks_fetches: AtomicU64,
+    revocation_fetches: AtomicU64,
 }
 
-/// A verifier fed by auth over NATS; dropping it stops its background task.
-pub struct LiveVerifier {
-    shared: Arc<Shared>,
+/// A verifier fed by auth (over NATS, as [`Bus`]); dropping it stops its background task.
+pub struct LiveVerifier<S = Bus> {
+    shared: Arc<Shared<S>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl std::fmt::Debug for LiveVerifier {
+impl<S> std::fmt::Debug for LiveVerifier<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveVerifier").field("epoch", &self.epoch()).finish_non_exhaustive()
+        f.debug_struct("LiveVerifier").field("epoch", &self.shared.epoch.load(Ordering::SeqCst)).finish_non_exhaustive()
     }
 }
 
-impl Drop for LiveVerifier {
+impl<S> Drop for LiveVerifier<S> {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -104,24 +156,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl Shared {
+/// What an event asks of the verifier.
+enum Applied {
+    Done,
+    Gap,
+    KeysChanged,
+}
+
+impl<S: AuthSource> Shared<S> {
     async fn fetch_keys(&self) -> Result<(), StartError> {
-        let jwks: JwksReply = self
-            .bus
-            .request(subject::AUTH_JWKS.subject, &JwksRequest {})
-            .await
-            .map_err(|source| StartError::Fetch { what: "the JWKS", source })?;
+        let jwks = self.source.jwks().await.map_err(|source| StartError::Fetch { what: "the JWKS", source })?;
         self.verifier.write().unwrap_or_else(std::sync::PoisonError::into_inner).set_keys(&jwks)?;
         self.jwks_fetches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     async fn fetch_revocations(&self) -> Result<(), StartError> {
-        let reply: RevocationsReply = self
-            .bus
-            .request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest {})
-            .await
-            .map_err(|source| StartError::Fetch { what: "the revocations", source })?;
+        let reply =
+            self.source.revocations().await.map_err(|source| StartError::Fetch { what: "the revocations", source })?;
+        self.revocation_fetches.fetch_add(1, Ordering::Relaxed);
         let mut verifier = self.verifier.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Revocations only accumulate: add the full set rather than replace what events may
         // have brought in while the request was in flight.
@@ -149,65 +202,54 @@ impl Shared {
             _ => Applied::Done,
         }
     }
+
+    /// Follows one notice from auth.
+    async fn follow(&self, notice: Notice) {
+        match notice {
+            Notice::Heartbeat(beat) => {
+                if beat.epoch > self.epoch.load(Ordering::SeqCst)
+                    && let Err(e) = self.fetch_revocations().await
+                {
+                    // Not heard: behind the epoch, the verifier must not count as current.
+                    return tracing::warn!(error = %e, "behind auth's revocation epoch and cannot catch up");
+                }
+                self.heard();
+            }
+            Notice::Event(event) => {
+                let result = match self.apply(&event) {
+                    Applied::Done => Ok(()),
+                    Applied::Gap => self.fetch_revocations().await,
+                    Applied::KeysChanged => self.fetch_keys().await,
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "cannot follow auth");
+                }
+            }
+        }
+    }
 }
 
-enum Applied {
-    Done,
-    Gap,
-    KeysChanged,
-}
-
-impl LiveVerifier {
+impl<S: AuthSource> LiveVerifier<S> {
     /// Subscribes to auth's heartbeat and events, then fetches the JWKS and the revocations
     /// (in that order, so nothing published in between is missed).
-    pub async fn start(bus: &Bus, config: VerifierConfig) -> Result<LiveVerifier, StartError> {
-        let subscribe = |subject: &'static str| async move {
-            bus.client().subscribe(subject).await.map_err(|e| StartError::Subscribe { subject, reason: e.to_string() })
-        };
-        let mut heartbeats = subscribe(subject::AUTH_HEARTBEAT).await?;
-        let mut events = subscribe(subject::AUTH_EVENTS).await?;
+    pub async fn start(source: &S, config: VerifierConfig) -> Result<LiveVerifier<S>, StartError> {
+        let mut notices = source.notices().await?;
         let shared = Arc::new(Shared {
-            bus: bus.clone(),
+            source: source.clone(),
             verifier: RwLock::new(Verifier::new(&JwksReply { keys: Vec::new() }, config.leeway_s)?),
             config,
             epoch: AtomicU64::new(0),
             last_heard: Mutex::new(Instant::now()),
             last_refetch: Mutex::new(None),
             jwks_fetches: AtomicU64::new(0),
+            revocation_fetches: AtomicU64::new(0),
         });
         shared.fetch_keys().await?;
         shared.fetch_revocations().await?;
         let task_shared = shared.clone();
         let task = tokio::spawn(async move {
-            let shared = task_shared;
-            loop {
-                tokio::select! {
-                    Some(message) = heartbeats.next() => {
-                        let Ok(beat) = serde_json::from_slice::<Heartbeat>(&message.payload) else {
-                            tracing::warn!("an auth heartbeat that does not parse; ignored");
-                            continue;
-                        };
-                        if beat.epoch > shared.epoch.load(Ordering::SeqCst)
-                            && let Err(e) = shared.fetch_revocations().await
-                        {
-                            tracing::warn!(error = %e, "behind auth's revocation epoch and cannot catch up");
-                            continue;
-                        }
-                        shared.heard();
-                    }
-                    Some(message) = events.next() => {
-                        let Ok(envelope) = serde_json::from_slice::<Envelope>(&message.payload) else { continue };
-                        let result = match shared.apply(&envelope.data) {
-                            Applied::Done => Ok(()),
-                            Applied::Gap => shared.fetch_revocations().await,
-                            Applied::KeysChanged => shared.fetch_keys().await,
-                        };
-                        if let Err(e) = result {
-                            tracing::warn!(error = %e, "cannot follow auth");
-                        }
-                    }
-                    else => break,
-                }
+            while let Some(notice) = notices.next().await {
+                task_shared.follow(notice).await;
             }
         });
         Ok(LiveVerifier { shared, task })
@@ -266,17 +308,16 @@ impl LiveVerifier {
         self.shared.jwks_fetches.load(Ordering::Relaxed)
     }
 
+    /// How many times the full revocation set was fetched (at start, when behind).
+    pub fn revocation_fetches(&self) -> u64 {
+        self.shared.revocation_fetches.load(Ordering::Relaxed)
+    }
+
     /// The revocation epoch this verifier has caught up to.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch.load(Ordering::SeqCst)
     }
 }
 
-/// Whether `claims` allow `action` on `target`; otherwise the `forbidden` error naming both.
-pub fn authorize(claims: &Claims, action: Action, target: Target<'_>, lineage: &impl Lineage) -> Result<(), WireError> {
-    if capability::allows(&claims.caps, action, target, lineage) {
-        Ok(())
-    } else {
-        Err(WireError::new(ErrorCode::Forbidden, format!("token {} does not allow {action} on {target}", claims.jti)))
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -134,3 +134,125 @@ impl WalHandle {
         result.await.map_err(|_| Busy::Closed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+    use std::sync::{Arc, Mutex};
+
+    use toka_contract::record::Hash;
+
+    use super::*;
+    use crate::wal::conformance::chain;
+    use crate::wal::memory::MemoryWal;
+    use crate::wal::{Head, Hit, Query, SnapshotChunk};
+
+    /// A WAL that reports each append's batches and holds the first append until released.
+    struct Gated {
+        inner: MemoryWal,
+        appends: Arc<Mutex<Vec<usize>>>,
+        entered: std_mpsc::Sender<()>,
+        gate: Option<std_mpsc::Receiver<()>>,
+    }
+
+    impl Wal for Gated {
+        fn backend(&self) -> &'static str {
+            "gated"
+        }
+        fn append(&mut self, batches: &[(LogName, &[StoredRecord])]) -> Vec<Result<Appended, Error>> {
+            let _ = self.entered.send(());
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            self.appends.lock().unwrap().push(batches.len());
+            self.inner.append(batches)
+        }
+        fn read(&self, log: LogName, from: u64, n: usize, bytes: usize) -> Result<Vec<StoredRecord>, Error> {
+            self.inner.read(log, from, n, bytes)
+        }
+        fn head(&self, log: LogName) -> Result<Head, Error> {
+            self.inner.head(log)
+        }
+        fn query(&self, log: LogName, query: &Query) -> Result<Vec<Hit>, Error> {
+            self.inner.query(log, query)
+        }
+        fn put_snapshot_chunk(&mut self, log: LogName, chunk: SnapshotChunk) -> Result<bool, Error> {
+            self.inner.put_snapshot_chunk(log, chunk)
+        }
+        fn snapshot_chunk(&self, log: LogName, at: Option<u64>, chunk: u32) -> Result<Option<SnapshotChunk>, Error> {
+            self.inner.snapshot_chunk(log, at, chunk)
+        }
+        fn compact(&mut self, log: LogName, through_seq: u64) -> Result<u64, Error> {
+            self.inner.compact(log, through_seq)
+        }
+        fn published(&self, log: LogName) -> Result<u64, Error> {
+            self.inner.published(log)
+        }
+        fn set_published(&mut self, log: LogName, seq: u64) -> Result<(), Error> {
+            self.inner.set_published(log, seq)
+        }
+    }
+
+    struct Started {
+        handle: WalHandle,
+        appends: Arc<Mutex<Vec<usize>>>,
+        entered: std_mpsc::Receiver<()>,
+        release: std_mpsc::Sender<()>,
+    }
+
+    fn start() -> Started {
+        let (entered_tx, entered) = std_mpsc::channel();
+        let (release, gate) = std_mpsc::channel();
+        let appends = Arc::new(Mutex::new(Vec::new()));
+        let wal = Gated { inner: MemoryWal::new(), appends: appends.clone(), entered: entered_tx, gate: Some(gate) };
+        let (handle, _thread) = WalHandle::spawn(Box::new(wal)).unwrap();
+        Started { handle, appends, entered, release }
+    }
+
+    fn outbox(records: &[StoredRecord]) -> Outbox {
+        Outbox { log: LogName::Kernel, records: records.iter().map(|r| (r.seq, r.time_us, Vec::new())).collect() }
+    }
+
+    #[tokio::test]
+    async fn appends_waiting_for_the_wal_commit_together_in_the_order_they_were_queued() {
+        let wal = start();
+        let records = chain((0, Hash::ZERO), 6, "a");
+        let first = wal.handle.append(LogName::Kernel, records[..1].to_vec(), outbox(&records[..1])).unwrap();
+        wal.entered.recv().unwrap();
+        // While the first append commits, five more queue up behind it.
+        let rest: Vec<_> = (1..6)
+            .map(|i| wal.handle.append(LogName::Kernel, records[i..=i].to_vec(), outbox(&records[i..=i])).unwrap())
+            .collect();
+        wal.release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().unwrap().last_seq, 1);
+        for (i, pending) in rest.into_iter().enumerate() {
+            assert_eq!(pending.await.unwrap().unwrap().last_seq, i as u64 + 2);
+        }
+        assert_eq!(*wal.appends.lock().unwrap(), [1, 5], "one commit for the first, one for the five");
+        // The publisher gets each committed append's events, in commit order.
+        let mut committed = wal.handle.take_committed().unwrap();
+        let order: Vec<u64> = (0..6).map(|_| committed.try_recv().unwrap().records[0].0).collect();
+        assert_eq!(order, [1, 2, 3, 4, 5, 6]);
+        assert!(wal.handle.take_committed().is_none(), "one publisher only");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_says_so_instead_of_growing() {
+        let wal = start();
+        let records = chain((0, Hash::ZERO), 1, "a");
+        let first = wal.handle.append(LogName::Kernel, records.clone(), outbox(&records)).unwrap();
+        wal.entered.recv().unwrap();
+        let queued: Vec<_> =
+            (0..QUEUE_DEPTH).map(|_| wal.handle.append(LogName::Kernel, records.clone(), outbox(&records))).collect();
+        assert!(queued.iter().all(Result::is_ok), "the queue holds {QUEUE_DEPTH}");
+        let refused = wal.handle.append(LogName::Kernel, records.clone(), outbox(&records));
+        assert_eq!(refused.err(), Some(Busy::Full));
+        assert_eq!(wal.handle.call(|w| w.backend()).await.err(), Some(Busy::Full), "calls too");
+        wal.release.send(()).unwrap();
+        assert!(first.await.unwrap().is_ok());
+        // The same batch again is an identical retry: acknowledged as a duplicate.
+        for pending in queued.into_iter().flatten() {
+            assert!(pending.await.unwrap().unwrap().duplicate);
+        }
+    }
+}

@@ -139,6 +139,11 @@ impl Verifier {
         }
     }
 
+    /// How many verified tokens the cache holds.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+
     /// The claims of `token` if it is valid at `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, Error> {
         let digest = *blake3::hash(token.as_bytes()).as_bytes();
@@ -303,6 +308,12 @@ mod tests {
         assert_eq!(verifier.verify(&token, NOW).unwrap(), claims(1));
         assert_eq!(verifier.verify(&token, NOW).unwrap(), claims(1), "again, from the cache");
         assert_eq!(verifier.kids().collect::<Vec<_>>(), ["k1"]);
+        for jti in 2..=4 {
+            verifier.verify(&KEY.sign(&claims(jti)), NOW).unwrap();
+        }
+        assert_eq!(verifier.cached(), 4, "each token verified once is kept");
+        assert!(verifier.verify("not-a-token", NOW).is_err());
+        assert_eq!(verifier.cached(), 4, "a refused token is not");
     }
 
     #[test]

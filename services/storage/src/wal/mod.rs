@@ -20,7 +20,7 @@ pub mod memory;
 pub mod sqlite;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 /// A record as the WAL keeps it: its position and links, and its JSON as received.
 #[derive(Debug, Clone, PartialEq, Eq)]

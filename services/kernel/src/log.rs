@@ -97,6 +97,9 @@ pub(crate) mod memory {
         batches: Vec<usize>,
         /// How long an append takes.
         latency: Duration,
+        /// Appends under way now, and the most there ever were at once.
+        in_flight: usize,
+        most_in_flight: usize,
     }
 
     /// The log; clones share it.
@@ -126,6 +129,11 @@ pub(crate) mod memory {
         /// The next appends meet `faults`, in order.
         pub(crate) fn fail_next(&self, faults: &[Fault]) {
             lock(&self.inner).faults = faults.iter().copied().collect();
+        }
+
+        /// The most appends that were under way at once.
+        pub(crate) fn most_in_flight(&self) -> usize {
+            lock(&self.inner).most_in_flight
         }
 
         /// Every append takes `latency` (on Tokio's clock).
@@ -170,9 +178,15 @@ pub(crate) mod memory {
 
     impl KernelLog for MemoryLog {
         async fn append(&self, request: AppendRequest<Operation>) -> Result<AppendReply, RequestError> {
-            let latency = lock(&self.inner).latency;
+            let latency = {
+                let mut inner = lock(&self.inner);
+                inner.in_flight += 1;
+                inner.most_in_flight = inner.most_in_flight.max(inner.in_flight);
+                inner.latency
+            };
             tokio::time::sleep(latency).await;
             let mut inner = lock(&self.inner);
+            inner.in_flight -= 1;
             let lost = || Err(RequestError::Timeout("toka.storage.v1.append.kernel".into()));
             match inner.faults.pop_front() {
                 Some(Fault::Lost) => lost(),

@@ -106,6 +106,27 @@ async fn operations_arriving_while_an_append_is_in_flight_go_out_as_one_append()
     }
     assert_eq!(log.batches(), [1, 20], "the first alone, the twenty that waited for it together");
     assert_eq!(log.records().len(), 21);
+    assert_eq!(log.most_in_flight(), 1, "never more appends at once than max_in_flight");
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn appends_overlap_up_to_max_in_flight() {
+    let log = MemoryLog::default();
+    log.set_latency(Duration::from_millis(10));
+    let kernel = start(&log, settings(2)).await;
+    let mut waits = Vec::new();
+    for i in 1..=30 {
+        waits.push(kernel.send(i, spawn("a")));
+        // Arrivals spread over the appends' time, so each slot finds work.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for wait in waits {
+        wait.await.unwrap().unwrap().durable.await.unwrap().unwrap();
+    }
+    assert_eq!(log.most_in_flight(), 2);
+    assert_eq!(log.records().len(), 30);
+    assert!(log.batches().len() < 30, "grouped: {:?}", log.batches());
     kernel.stop().await;
 }
 

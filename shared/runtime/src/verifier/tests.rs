@@ -213,3 +213,27 @@ async fn a_rotation_fetches_the_jwks_at_once() {
     assert_eq!(code(&verifier, &token(&KEY, 1)).await, Err(ErrorCode::Unauthorized));
     assert_eq!(verifier.jwks_fetches(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn verify_checks_time_against_the_system_clock() {
+    let auth = Auth::with(vec![KEY], 0, vec![]);
+    let verifier = LiveVerifier::start(&auth, config()).await.unwrap();
+    let now = now_s();
+    let current = KEY.sign(&toka_contract::testing::claims(1, now));
+    assert!(verifier.verify(&current).await.is_ok(), "valid now");
+    let expired = KEY.sign(&toka_contract::testing::claims(2, now - 3_600));
+    assert_eq!(verifier.verify(&expired).await.unwrap_err().code, ErrorCode::Unauthorized, "expired an hour ago");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_verifier_stops_it_following_auth() {
+    let auth = Auth::with(vec![KEY], 0, vec![]);
+    let verifier = LiveVerifier::start(&auth, config()).await.unwrap();
+    auth.beat(0).await;
+    drop(verifier);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let sender = lock(&auth.inner).notices.clone().unwrap();
+    assert!(sender.is_closed(), "its task, and with it the subscription, is gone");
+}

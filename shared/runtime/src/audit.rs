@@ -509,6 +509,7 @@ impl<F: Fold, L: AuditLog> Writer<F, L> {
             };
             // Someone else appended, or we do not know whether our append landed: read the
             // log. Records of ours found there are done; the rest go again on the new head.
+            let head_before = lock(&self.state).head.seq;
             match self.tail().await {
                 Ok(mut seen) => {
                     batch.retain_mut(|p| {
@@ -524,15 +525,20 @@ impl<F: Fold, L: AuditLog> Writer<F, L> {
                 }
                 Err(tail_error) => tracing::warn!(error = %tail_error.message, "reading the audit log failed"),
             }
-            if error.code != ErrorCode::Conflict {
+            // A conflict that reading resolved goes again at once; anything else (a conflict
+            // the log does not explain included) waits, so a fault is not retried in a spin.
+            let moved = lock(&self.state).head.seq > head_before;
+            if error.code == ErrorCode::Conflict && moved {
+                if tokio::time::Instant::now() > deadline {
+                    return finish(batch, Err(error));
+                }
+            } else {
                 if tokio::time::Instant::now() + backoff > deadline {
                     tracing::warn!(error = %error.message, records = batch.len(), "audit append gave up");
                     return finish(batch, Err(error));
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
-            } else if tokio::time::Instant::now() > deadline {
-                return finish(batch, Err(error));
             }
         }
     }

@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use toka_runtime::limit::Rate;
 
 /// Auth's settings.
@@ -74,20 +73,10 @@ impl Default for AuthConfig {
     }
 }
 
-/// The service's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Admin HTTP probes and metrics.
-    pub admin: AdminConfig,
-    /// Logs, traces and metrics.
-    pub telemetry: TelemetryConfig,
-    /// Graceful shutdown.
-    pub shutdown: ShutdownConfig,
-    /// Tokens and keys.
-    pub auth: AuthConfig,
+toka_runtime::service_config! {
+    /// The service's configuration.
+    pub struct Config {
+        /// Tokens and keys.
+        auth: AuthConfig,
+    }
 }
-
-toka_runtime::service_config!(Config);

@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use toka_runtime::limit::Rate;
 use toka_runtime::verifier::VerifierConfig;
 
@@ -63,22 +62,12 @@ impl Default for KernelConfig {
     }
 }
 
-/// The service's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Admin HTTP probes and metrics.
-    pub admin: AdminConfig,
-    /// Logs, traces and metrics.
-    pub telemetry: TelemetryConfig,
-    /// Graceful shutdown.
-    pub shutdown: ShutdownConfig,
-    /// The sequencer.
-    pub kernel: KernelConfig,
-    /// Token verification.
-    pub verifier: VerifierConfig,
+toka_runtime::service_config! {
+    /// The service's configuration.
+    pub struct Config {
+        /// The sequencer.
+        kernel: KernelConfig,
+        /// Token verification.
+        verifier: VerifierConfig,
+    }
 }
-
-toka_runtime::service_config!(Config);

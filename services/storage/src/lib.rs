@@ -8,7 +8,7 @@
 //! - [`run`]: the service: `toka.storage.v1.{append.kernel, append.audit, read, query, head,
 //!   verify, snapshot.put, snapshot.get, status, health}`, admin probes, graceful shutdown.
 //!
-//! This crate depends on `toka-shared` only, never on another service.
+//! This crate depends on `toka-contract` and `toka-runtime` only, never on another service.
 
 pub mod ingest;
 pub mod publish;
@@ -33,7 +33,6 @@ use toka_contract::schema::{Contract, ReplyContract};
 use toka_contract::subject;
 use toka_contract::wire::{ErrorCode, WireError};
 use toka_runtime::bus::Bus;
-use toka_runtime::config::{AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use toka_runtime::host::{self, Host};
 
 use crate::writer::{Busy, WalHandle};
@@ -89,23 +88,13 @@ impl Default for StorageConfig {
     }
 }
 
-/// The service's configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// NATS connection.
-    pub nats: NatsConfig,
-    /// Admin HTTP probes and metrics.
-    pub admin: AdminConfig,
-    /// Logs, traces and metrics.
-    pub telemetry: TelemetryConfig,
-    /// Graceful shutdown.
-    pub shutdown: ShutdownConfig,
-    /// The write-ahead log.
-    pub storage: StorageConfig,
+toka_runtime::service_config! {
+    /// The service's configuration.
+    pub struct Config {
+        /// The write-ahead log.
+        storage: StorageConfig,
+    }
 }
-
-toka_runtime::service_config!(Config);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

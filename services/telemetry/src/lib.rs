@@ -5,7 +5,7 @@
 //!   and stops gracefully when `shutdown` resolves.
 //! - [`Config`]: its configuration (`toka-telemetry --dump-config` prints every key).
 //!
-//! This crate depends on `toka-shared` only, never on another service.
+//! This crate depends on `toka-contract` and `toka-runtime` only, never on another service.
 
 use std::future::Future;
 use std::time::Duration;

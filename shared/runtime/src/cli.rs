@@ -32,12 +32,41 @@ pub trait ServiceConfig: Serialize + DeserializeOwned + Default + Send + 'static
     fn shutdown(&self) -> &ShutdownConfig;
 }
 
-/// Implements [`ServiceConfig`] for a struct with `nats`, `admin`, `telemetry` and `shutdown`
-/// fields.
+/// Declares a service's configuration: the sections every service has (`nats`, `admin`,
+/// `telemetry`, `shutdown`) and the service's own, given as fields, each a section of the TOML
+/// file; implements [`ServiceConfig`] for it.
+///
+/// ```ignore
+/// toka_runtime::service_config! {
+///     /// The service's configuration.
+///     pub struct Config {
+///         /// The write-ahead log.
+///         storage: StorageConfig,
+///     }
+/// }
+/// ```
 #[macro_export]
 macro_rules! service_config {
-    ($ty:ty) => {
-        impl $crate::cli::ServiceConfig for $ty {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident { $($(#[$field_meta:meta])* $field:ident: $ty:ty),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        $vis struct $name {
+            /// NATS connection.
+            pub nats: $crate::config::NatsConfig,
+            /// Admin HTTP probes and metrics.
+            pub admin: $crate::config::AdminConfig,
+            /// Logs, traces and metrics.
+            pub telemetry: $crate::config::TelemetryConfig,
+            /// Graceful shutdown.
+            pub shutdown: $crate::config::ShutdownConfig,
+            $($(#[$field_meta])* pub $field: $ty,)*
+        }
+
+        impl $crate::cli::ServiceConfig for $name {
             fn nats(&self) -> &$crate::config::NatsConfig {
                 &self.nats
             }

@@ -166,19 +166,10 @@ impl Default for ShutdownConfig {
     }
 }
 
-/// The sections every service's configuration has; a service with nothing of its own yet uses
-/// it as its whole configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Common {
-    /// NATS.
-    pub nats: NatsConfig,
-    /// Admin HTTP.
-    pub admin: AdminConfig,
-    /// Logs, traces and metrics.
-    pub telemetry: TelemetryConfig,
-    /// Graceful shutdown.
-    pub shutdown: ShutdownConfig,
+crate::service_config! {
+    /// The sections every service's configuration has; a service with nothing of its own yet
+    /// uses it as its whole configuration.
+    pub struct Common {}
 }
 
 #[cfg(test)]
@@ -237,5 +228,3 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
-
-crate::service_config!(Common);

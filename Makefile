@@ -1,7 +1,7 @@
 # The one entry point for humans and CI (.ci/run calls these targets).
 CARGO ?= cargo
 
-.PHONY: all run fmt fmt-check clippy clippy-fdb test nats-image pyjwt check ci bench mutants
+.PHONY: all run fmt fmt-check clippy clippy-fdb test nats-image python check ci bench mutants
 
 all: fmt-check clippy test
 
@@ -26,13 +26,14 @@ clippy-fdb:
 nats-image:
 	@if docker info >/dev/null 2>&1; then scripts/build-nats-image.sh; else echo "docker unavailable: container tests will be skipped"; fi
 
-# PyJWT for the interop test (skipped, saying so, where PyPI is unreachable).
-pyjwt:
-	@scripts/install-pyjwt.sh >/dev/null || echo "PyJWT unavailable: the interop test will be skipped"
+# PyJWT and nats-py, the independent clients some tests use (they say they skipped where PyPI is
+# unreachable).
+python:
+	@scripts/install-python.sh >/dev/null || echo "PyJWT or nats-py unavailable: the tests that use them will be skipped"
 
 # The test command the README gives: unit, contract, property and integration tests.
 # The crash tests run the service binaries as processes, so those are built first.
-test: nats-image pyjwt
+test: nats-image python
 	$(CARGO) build --workspace --bins --locked
 	$(CARGO) nextest run --workspace --locked --no-fail-fast
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use serde::Serialize;
+use toka_contract::access::Role;
 use toka_runtime::bus::Bus;
 use toka_runtime::config::NatsConfig;
 
@@ -25,13 +26,14 @@ impl Nats {
         NatsConfig {
             url: self.url.clone(),
             nkey_seed_file: Some(self.creds.clone()),
+            state_nkey_seed_file: None,
             connect_timeout_ms: 3_000,
             request_timeout_ms,
         }
     }
 
-    /// Connects as `name`.
-    pub(crate) async fn connect(&self, name: &str, request_timeout_ms: u64) -> anyhow::Result<Bus> {
-        Ok(Bus::connect(&self.config(request_timeout_ms), name).await?)
+    /// Connects as `name`, a user of `role` (whose inbox the replies come to).
+    pub(crate) async fn connect(&self, name: &str, role: Role, request_timeout_ms: u64) -> anyhow::Result<Bus> {
+        Ok(Bus::connect(&self.config(request_timeout_ms), name, &role.inbox()).await?)
     }
 }

@@ -81,7 +81,7 @@ fn generate(chain: &mut Chain, n: u64) -> anyhow::Result<Vec<KernelRecord>> {
 
 /// Runs the load and prints the result.
 pub(crate) async fn storage(load: StorageLoad) -> anyhow::Result<()> {
-    let bus = load.nats.connect("toka-load", 5_000).await?;
+    let bus = load.nats.connect("toka-load", toka_contract::access::Role::Kernel, 5_000).await?;
     let head: HeadReply = bus
         .request(subject::STORAGE_HEAD.subject, &HeadRequest { log: LogName::Kernel })
         .await

@@ -22,6 +22,7 @@ use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use toka_client::Client;
+use toka_contract::access::INBOXES;
 use toka_contract::api::kernel::SubmitRequest;
 use toka_contract::capability::{Action, Capability, Pattern};
 use toka_contract::spec::{AgentSpec, TaskSpec};
@@ -287,7 +288,7 @@ fn pick(mix: &[(String, u64)], i: u64) -> &str {
 /// Runs the kernel load and prints the result.
 pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
     let mix = parse_mix(&load.mix)?;
-    let bus = load.nats.connect("toka-load", 30_000).await?;
+    let bus = load.nats.connect("toka-load", toka_contract::access::Role::Client, 30_000).await?;
     let admin = std::fs::read_to_string(&load.admin_key_file)
         .with_context(|| format!("the admin key {}", load.admin_key_file.display()))?;
     let agent_actions = [
@@ -378,11 +379,12 @@ pub(crate) async fn nats(load: NatsLoad) -> anyhow::Result<()> {
     let config = NatsConfig {
         url: load.nats_url.clone(),
         nkey_seed_file: load.creds.clone(),
+        state_nkey_seed_file: None,
         connect_timeout_ms: 3_000,
         request_timeout_ms: 30_000,
     };
-    let responder = Bus::connect(&config, "toka-load-echo").await?;
-    let bus = Bus::connect(&config, "toka-load").await?;
+    let responder = Bus::connect(&config, "toka-load-echo", INBOXES).await?;
+    let bus = Bus::connect(&config, "toka-load", INBOXES).await?;
     let echo_subject = format!("toka.load.echo.{}", std::process::id());
     let mut requests = responder.client().subscribe(echo_subject.clone()).await?;
     let echo_client = responder.client().clone();

@@ -30,11 +30,12 @@ pub mod worker;
 
 use std::time::Duration;
 
+use toka_contract::access::Role;
 use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
 use toka_contract::api::kernel::{
-    AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, SubmitBatchReply,
-    SubmitBatchRequest, SubmitReply, SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest, TaskState,
-    TaskView,
+    AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, StatusReply, StatusRequest,
+    SubmitBatchReply, SubmitBatchRequest, SubmitReply, SubmitRequest, TaskGetRequest, TaskListReply, TaskListRequest,
+    TaskState, TaskView,
 };
 use toka_contract::capability::Capability;
 use toka_contract::schema::{Contract, ReplyContract};
@@ -117,7 +118,7 @@ impl Client {
         name: &str,
         token: impl Into<String>,
     ) -> Result<Client, toka_runtime::bus::Error> {
-        Ok(Client::new(Bus::connect(nats, name).await?, token))
+        Ok(Client::new(Bus::connect(nats, name, &Role::Client.inbox()).await?, token))
     }
 
     /// A client on an open connection.
@@ -222,6 +223,12 @@ impl Client {
         let request =
             AgentListRequest { token: self.token.clone(), parent: filter.parent, state: filter.state, after, limit };
         self.call(subject::KERNEL_AGENT_LIST.subject, &request).await
+    }
+
+    /// Where the sequencer stands: lease holder, log head, state hash, standbys (the token
+    /// needs `read` on `agent:*`).
+    pub async fn status(&self) -> Result<StatusReply, WireError> {
+        self.call(subject::KERNEL_STATUS.subject, &StatusRequest { token: self.token.clone() }).await
     }
 
     /// One task.

@@ -561,10 +561,15 @@ async fn keys_rotate_across_their_overlap_survive_restarts_and_replicas_agree() 
 
     // Only the lease holder rotates: a forwarded request reaching the other is refused.
     let auth_bus = stack.nats.connect(Role::Auth).await;
-    let probe =
-        Lease::open(&auth_bus, toka_auth::LEASE_BUCKET, toka_auth::LEASE_KEY, "probe", Duration::from_millis(900))
-            .await
-            .unwrap();
+    let probe = Lease::open(
+        &stack.nats.connect(Role::AuthState).await,
+        toka_auth::LEASE_BUCKET,
+        toka_auth::LEASE_KEY,
+        "probe",
+        Duration::from_millis(900),
+    )
+    .await
+    .unwrap();
     let holder = probe.holder().await.expect("a replica holds the lease");
     let other = if holder == "a" { "b" } else { "a" };
     let request = RotateRequest { credential: stack.admin() };
@@ -639,29 +644,9 @@ async fn a_verifier_follows_revocations_and_rotations_and_fails_closed_when_auth
     assert_eventually!(Duration::from_secs(5), verifier.verify(&fresh.token).await.is_ok(), "open again");
 }
 
-/// The Python with PyJWT and cryptography, if any (`.ci/run` installs them into `.tools/venv`).
-fn pyjwt_python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let candidates = [std::env::var_os("TOKA_PYTHON").map(PathBuf::from), Some(root.join(".tools/venv/bin/python"))];
-    let found = candidates.into_iter().flatten().find(|python| {
-        std::process::Command::new(python)
-            .args(["-c", "import jwt, cryptography"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        let reason = "no Python with PyJWT and cryptography (pip install PyJWT cryptography into .tools/venv)";
-        if std::env::var("TOKA_REQUIRE_PYJWT").is_ok_and(|v| v == "1") {
-            panic!("TOKA_REQUIRE_PYJWT=1 but {reason}");
-        }
-        eprintln!("skipped: {reason}");
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_verifies_with_pyjwt_given_only_the_published_jwks() {
-    let Some(python) = pyjwt_python() else { return };
+    let Some(python) = crate::harness::python("jwt, cryptography") else { return };
     let Some(stack) = Stack::start("auth-pyjwt").await else { return };
     let _auth = stack.auth(|_| {}).await;
     let token = stack.issue(&read_agents(), 60_000).await;

@@ -104,6 +104,7 @@ async fn a_service_exports_its_traces_over_otlp_and_exits_0_on_sigterm() {
         .env("TOKA_AUTH__KEY_DIR", keys.path())
         .env("TOKA_NATS__URL", &config.url)
         .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
+        .env("TOKA_NATS__STATE_NKEY_SEED_FILE", config.state_nkey_seed_file.unwrap())
         .env("TOKA_ADMIN__LISTEN", "127.0.0.1:0")
         .env("TOKA_TELEMETRY__OTLP_ENDPOINT", &endpoint)
         .stdout(Stdio::null())

@@ -38,6 +38,7 @@ fn start_process(nats: &Nats, data_dir: &Path) -> Child {
     Command::new(crate::binaries::binary("toka-storage"))
         .env("TOKA_NATS__URL", &config.url)
         .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
+        .env("TOKA_NATS__STATE_NKEY_SEED_FILE", config.state_nkey_seed_file.unwrap())
         .env("TOKA_STORAGE__DATA_DIR", data_dir)
         .env("TOKA_ADMIN__LISTEN", "127.0.0.1:0")
         .env("TOKA_TELEMETRY__LOG_FILTER", "warn")

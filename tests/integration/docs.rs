@@ -124,3 +124,15 @@ fn architecture_lists_every_action_in_the_grammar() {
     let actions: Vec<&str> = toka_contract::Action::ALL.iter().map(|a| a.as_str()).collect();
     assert_eq!(listed, actions);
 }
+
+#[test]
+fn architecture_lists_every_nats_user() {
+    let doc = read("ARCHITECTURE.md");
+    for role in toka_contract::access::Role::ALL {
+        assert!(
+            doc.contains(&format!("\n| {} |", role.name())),
+            "ARCHITECTURE.md has no row for the {} user",
+            role.name()
+        );
+    }
+}

@@ -80,6 +80,28 @@ fn docker_ready() -> bool {
     false
 }
 
+/// The Python that imports `modules` (`.ci/run` installs PyJWT, cryptography and nats-py into
+/// `.tools/venv` with `scripts/install-python.sh`), if any; prints why not, or panics under
+/// `TOKA_REQUIRE_PYTHON=1`.
+pub fn python(modules: &str) -> Option<PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = [std::env::var_os("TOKA_PYTHON").map(PathBuf::from), Some(root.join(".tools/venv/bin/python"))];
+    let found = candidates.into_iter().flatten().find(|python| {
+        std::process::Command::new(python)
+            .args(["-c", &format!("import {modules}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        let reason = format!("no Python with {modules} (scripts/install-python.sh installs them)");
+        if std::env::var("TOKA_REQUIRE_PYTHON").is_ok_and(|v| v == "1") {
+            panic!("TOKA_REQUIRE_PYTHON=1 but {reason}");
+        }
+        eprintln!("skipped: {reason}");
+    }
+    found
+}
+
 /// A secured NATS server with JetStream in a container, removed on drop.
 pub struct Nats {
     _container: ContainerAsync<GenericImage>,
@@ -124,11 +146,13 @@ impl Nats {
         Some(Nats { _container: container, url: format!("nats://127.0.0.1:{port}"), seeds, _dir: dir })
     }
 
-    /// The NATS configuration of a `role` user.
+    /// The NATS configuration of a `role` user (with its state user's seed, for a service
+    /// that has one).
     pub fn config(&self, role: Role) -> NatsConfig {
         NatsConfig {
             url: self.url.clone(),
             nkey_seed_file: Some(self.seeds[&role].clone()),
+            state_nkey_seed_file: role.state().map(|state| self.seeds[&state].clone()),
             request_timeout_ms: 2_000,
             connect_timeout_ms: 5_000,
         }
@@ -136,7 +160,7 @@ impl Nats {
 
     /// A connection as `role`.
     pub async fn connect(&self, role: Role) -> Bus {
-        Bus::connect(&self.config(role), &format!("test-{}", role.name())).await.unwrap()
+        Bus::connect(&self.config(role), &format!("test-{}", role.name()), &role.inbox()).await.unwrap()
     }
 
     /// Every record of `log`, page by page, as the operator reads it.
@@ -208,7 +232,7 @@ where
 {
     let admin = free_admin();
     let addr = admin.listen;
-    let bus = Bus::connect(&nats.config(role), name).await.unwrap();
+    let bus = Bus::connect(&nats.config(role), name, &role.inbox()).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shutdown: ShutdownSignal = Box::pin(async move {
         let _ = stopped.await;

@@ -59,7 +59,7 @@ pub(crate) struct Stack {
     pub(crate) nats: Nats,
     dir: TempDir,
     storage: Option<Running>,
-    _auth: Running,
+    pub(crate) auth: Running,
     admin_key: String,
     pub(crate) client: Bus,
 }
@@ -74,7 +74,7 @@ impl Stack {
         toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
         let auth = start_auth(&nats, &dir.path().join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
         let client = nats.connect(Role::Client).await;
-        Some(Stack { nats, dir, storage: Some(storage), _auth: auth, admin_key, client })
+        Some(Stack { nats, dir, storage: Some(storage), auth, admin_key, client })
     }
 
     pub(crate) async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
@@ -396,12 +396,28 @@ async fn a_standby_takes_over_with_the_state_hash_of_the_log() {
         kernel_bus.request(subject::STORAGE_SNAPSHOT_GET.subject, &snapshot).await.unwrap();
     let stored = base64::engine::general_purpose::STANDARD.decode(&stored.data).unwrap();
     assert_eq!(stored[..4], [0x28, 0xb5, 0x2f, 0xfd], "stored as a zstd frame");
+    // The status names the sequencer, the lease holder, the durable head with its state hash,
+    // and the standby; only to tokens that may read every agent.
+    let operator = toka_client::Client::new(stack.client.clone(), (*op).clone());
+    let status = operator.status().await.unwrap();
+    assert_eq!(
+        (status.instance.as_str(), status.lease_holder.as_deref(), status.head_seq, status.state_hash, status.standbys),
+        ("active", Some("active"), at_stop.0, at_stop.1, 1)
+    );
+    let narrow = stack.token("narrow", vec![Capability::new(Pattern::Agent(root), &[Action::Read])]).await;
+    let refused = operator.with_token(narrow).status().await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Forbidden);
 
     active.stop().await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), standby_hash.wait_for(|h| h.0 == at_stop.0)).await.unwrap().unwrap();
     assert_eq!(*standby_hash.borrow(), at_stop, "the standby rebuilt the same state from the log");
     let more = submit(&stack.client, &op, op_id(), spawn("after", Some(root))).await.unwrap();
     assert_eq!(more.seq, at_stop.0 + 1, "the new sequencer continues the log");
+    let status = operator.status().await.unwrap();
+    assert_eq!(
+        (status.instance.as_str(), status.lease_holder.as_deref(), status.head_seq, status.standbys),
+        ("standby", Some("standby"), more.seq, 0)
+    );
     let _ = stop_standby.send(());
     standby.await.unwrap().unwrap();
 }
@@ -546,6 +562,7 @@ fn start_kernel_process(nats: &Nats, stdout: &std::path::Path) -> std::process::
     std::process::Command::new(crate::binaries::binary("toka-kernel"))
         .env("TOKA_NATS__URL", &config.url)
         .env("TOKA_NATS__NKEY_SEED_FILE", config.nkey_seed_file.unwrap())
+        .env("TOKA_NATS__STATE_NKEY_SEED_FILE", config.state_nkey_seed_file.unwrap())
         .env("TOKA_ADMIN__LISTEN", "127.0.0.1:0")
         .env("TOKA_KERNEL__LEASE_TTL_MS", "900")
         .env("TOKA_TELEMETRY__LOG_FORMAT", "json")

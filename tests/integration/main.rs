@@ -4,6 +4,7 @@
 //! - `auth`: auth over NATS: issuing, the attack suite, revocation, rate limits, audit,
 //!   rotation, replicas, verifiers that fail closed, PyJWT interop.
 //! - `binaries`: the service binaries: configuration errors, `--dump-config`, OTLP export, SIGTERM.
+//! - `bus`: the bus from outside (nats-py): requests replying outside the inboxes.
 //! - `client`: the client library: submit with retries under one operation id, queries,
 //!   committed events followed from the stream.
 //! - `crash`: storage under SIGKILL, a read-only data directory, a full disk.
@@ -18,6 +19,7 @@
 
 mod auth;
 mod binaries;
+mod bus;
 mod client;
 mod crash;
 mod docs;

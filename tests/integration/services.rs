@@ -149,6 +149,7 @@ async fn a_bad_request_gets_a_body_and_error_headers_naming_schema_and_pointer()
 async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
     let Some(nats) = Nats::start().await else { return };
     let storage = nats.connect(Role::Storage).await;
+    let publisher = nats.connect(Role::StorageState).await;
     let kernel = nats.connect(Role::Kernel).await;
     let client = nats.connect(Role::Client).await;
     let observer = nats.connect(Role::Telemetry).await;
@@ -174,7 +175,7 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
     client.client().publish(forged_subject.clone(), serde_json::to_vec(&forged).unwrap().into()).await.unwrap();
     client.client().flush().await.unwrap();
 
-    // Positive controls: the kernel may append and storage may publish, over the same bus.
+    // Positive controls: the kernel may append and storage's publisher may publish, over the same bus.
     kernel.client().publish(append, "kernel append".into()).await.unwrap();
     kernel.client().flush().await.unwrap();
     let genuine = Envelope::new(
@@ -185,12 +186,12 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
         Event::AgentResumed { agent: AgentId::mint(1, 2, 0) },
         None,
     );
-    storage
+    publisher
         .client()
         .publish(subject::event(LogName::Kernel, &genuine.data), serde_json::to_vec(&genuine).unwrap().into())
         .await
         .unwrap();
-    storage.client().flush().await.unwrap();
+    publisher.client().flush().await.unwrap();
 
     // The server handled the client's publishes (flushed) before the controls, and delivers
     // in the order it handles: had it let a forged message through, that would come first.
@@ -209,13 +210,13 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
 async fn an_anonymous_or_unknown_user_cannot_connect() {
     let Some(nats) = Nats::start().await else { return };
     let anonymous = NatsConfig { nkey_seed_file: None, connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous").await.is_err());
+    assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous", &Role::Client.inbox()).await.is_err());
     let dir = crate::harness::temp_dir("stranger");
     let (seed, _) = toka_runtime::deploy::new_user_key().unwrap();
     let path = dir.path().join("stranger.nk");
     toka_runtime::deploy::write_secret(&path, &seed).unwrap();
     let stranger = NatsConfig { nkey_seed_file: Some(path), connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger").await.is_err());
+    assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger", &Role::Client.inbox()).await.is_err());
     // The positive control: the deployment's own client seed connects.
-    assert!(toka_runtime::bus::Bus::connect(&nats.config(Role::Client), "client").await.is_ok());
+    assert!(toka_runtime::bus::Bus::connect(&nats.config(Role::Client), "client", &Role::Client.inbox()).await.is_ok());
 }

@@ -26,15 +26,30 @@ async fn published(bus: &Bus) -> u64 {
     status.logs[0].published_seq
 }
 
-/// Each message's `Nats-Msg-Id` in the events stream, in stream order.
-async fn stream_ids(stream: &mut async_nats::jetstream::stream::Stream) -> Vec<String> {
-    let count = stream.info().await.unwrap().state.messages;
-    let mut ids = Vec::new();
-    for sequence in 1..=count {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        ids.push(message.headers.get("Nats-Msg-Id").map(|v| v.to_string()).unwrap_or_default());
+/// Each message's `Nats-Msg-Id` in the events stream, in stream order, read as an operator
+/// reads it (through a consumer).
+async fn stream_ids(nats: &Nats) -> Vec<String> {
+    stream_headers(nats).await.iter().map(|h| header(h, "Nats-Msg-Id").unwrap_or_default()).collect()
+}
+
+fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.to_string())
+}
+
+/// Each message's headers in the events stream, in stream order.
+async fn stream_headers(nats: &Nats) -> Vec<async_nats::HeaderMap> {
+    use futures::StreamExt as _;
+    let js = async_nats::jetstream::new(nats.connect(Role::Operator).await.client().clone());
+    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
+    let count = stream.info().await.unwrap().state.messages as usize;
+    let consumer =
+        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(count);
+    let mut headers = Vec::new();
+    while let Some(message) = messages.next().await {
+        headers.push(message.unwrap().headers.clone().unwrap_or_default());
     }
-    ids
+    headers
 }
 
 pub(crate) async fn start_storage(nats: &Nats, dir: &Path) -> Running {
@@ -227,7 +242,7 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 2, "the first batch published");
 
     // The stream goes away: the next commit's events cannot be published from memory.
-    let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
+    let js = async_nats::jetstream::new(nats.connect(Role::StorageState).await.client().clone());
     js.delete_stream(subject::EVENTS_STREAM).await.unwrap();
     // Without a stream a publish still reaches plain subscribers: each attempt shows.
     let mut attempts = status_bus.client().subscribe(subject::ALL_EVENTS).await.unwrap();
@@ -249,8 +264,7 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
     let third = records_after((5, second[2].hash), 1, Sample::Spawn);
     let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "published through seq 6");
-    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
-    let ids = stream_ids(&mut stream).await;
+    let ids = stream_ids(&nats).await;
     assert_eq!(
         ids,
         ["kernel:3.0", "kernel:4.0", "kernel:5.0", "kernel:6.0"],
@@ -283,7 +297,7 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     commit(3).await;
     // Another message lands in the stream, so the next chain is refused: those events are
     // sent again, each acknowledged, and so are the next commits' for a while.
-    let js = async_nats::jetstream::new(nats.connect(Role::Storage).await.client().clone());
+    let js = async_nats::jetstream::new(nats.connect(Role::StorageState).await.client().clone());
     let foreign = async_nats::jetstream::message::PublishMessage::build().payload("{}".into()).message_id("foreign:1");
     js.send_publish("toka.evt.kernel.agent.spawned.x", foreign).await.unwrap().await.unwrap();
     commit(3).await;
@@ -293,19 +307,17 @@ async fn a_message_from_another_publisher_between_commits_loses_no_event() {
     // Then chaining resumes.
     commit(2).await;
 
-    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
-    let ids = stream_ids(&mut stream).await;
+    let ids = stream_ids(&nats).await;
     let mut expected: Vec<String> = (1..=6).map(|seq| format!("kernel:{seq}.0")).collect();
     expected.push("foreign:1".into());
     expected.extend((7..=75).map(|seq| format!("kernel:{seq}.0")));
     assert_eq!(ids, expected, "every event once, in commit order");
-    let mut chained = Vec::new();
-    for sequence in 1..=ids.len() as u64 {
-        let message = stream.get_raw_message(sequence).await.unwrap();
-        if let Some(previous) = message.headers.get("Nats-Expected-Last-Msg-Id") {
-            chained.push((ids[sequence as usize - 1].clone(), previous.to_string()));
-        }
-    }
+    let chained: Vec<(String, String)> = stream_headers(&nats)
+        .await
+        .iter()
+        .zip(&ids)
+        .filter_map(|(h, id)| header(h, "Nats-Expected-Last-Msg-Id").map(|previous| (id.clone(), previous)))
+        .collect();
     let pairs = |seqs: &[u64]| -> Vec<(String, String)> {
         seqs.iter().map(|s| (format!("kernel:{s}.0"), format!("kernel:{}.0", s - 1))).collect()
     };

@@ -67,4 +67,7 @@ pub enum Error {
     /// A subscription failed.
     #[error("subscribing to {0}")]
     Subscribe(String),
+    /// The state user could not connect.
+    #[error(transparent)]
+    Bus(#[from] toka_runtime::bus::Error),
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use toka_contract::access::Role;
 use toka_contract::api::auth::{
     JwksReply, JwksRequest, RevocationsReply, RevocationsRequest, RotateReply, RotateRequest,
 };
@@ -45,6 +46,8 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         ));
     }
     let limits = Limits::new(&settings.rate_limits)?;
+    // The lease and the heartbeat: a user of their own, which serves no request.
+    let state = Bus::connect_state(&config.nats, "toka-auth-state", &Role::AuthState.inbox()).await?;
     let store = KeyStore::open(&settings.key_dir)?;
     let ring = store.load()?;
     let mut shutdown = Box::pin(shutdown);
@@ -77,7 +80,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         return Ok(());
     };
     let lease_ttl = Duration::from_millis(settings.lease_ttl_ms);
-    let lease = Lease::open(&bus, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl).await?;
+    let lease = Lease::open(&state, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl).await?;
     let auth = Arc::new(Auth {
         config: settings,
         instance: instance.clone(),
@@ -111,7 +114,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
 
     let tasks = vec![
         keeper,
-        tokio::spawn(heartbeat_loop(auth.clone())),
+        tokio::spawn(heartbeat_loop(auth.clone(), state.clone())),
         tokio::spawn(follow_events(auth.clone())?),
         tokio::spawn(serve_forwarded_rotations(auth.clone()).await?),
     ];
@@ -126,6 +129,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         auth.lease.lock().await.release().await;
     };
     host.serve_until_then(&bus, shutdown, grace, cleanup).await;
+    state.drain().await;
     Ok(())
 }
 
@@ -171,13 +175,13 @@ async fn keep_keys_loop(auth: Arc<Auth>) {
     }
 }
 
-async fn heartbeat_loop(auth: Arc<Auth>) {
+async fn heartbeat_loop(auth: Arc<Auth>, state: Bus) {
     let mut tick = tokio::time::interval(Duration::from_millis(auth.config.heartbeat_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Ok(body) = serde_json::to_vec(&auth.heartbeat()) else { continue };
-        if let Err(e) = auth.bus.client().publish(subject::AUTH_HEARTBEAT, body.into()).await {
+        if let Err(e) = state.client().publish(subject::AUTH_HEARTBEAT, body.into()).await {
             tracing::warn!(error = %e, "heartbeat not sent");
         }
     }
@@ -208,7 +212,8 @@ async fn serve_forwarded_rotations(auth: Arc<Auth>) -> Result<impl Future<Output
         auth.bus.client().subscribe(at.clone()).await.map_err(|e| Error::Subscribe(format!("{at}: {e}")))?;
     Ok(async move {
         while let Some(message) = requests.next().await {
-            let Some(reply_to) = message.reply.clone() else { continue };
+            // Replies go to inboxes only, as the host's.
+            let Some(reply_to) = message.reply.clone().filter(|r| toka_contract::access::is_inbox(r)) else { continue };
             let result = match serde_json::from_slice::<RotateRequest>(&message.payload) {
                 Err(e) => Err(WireError::new(ErrorCode::BadRequest, e.to_string())),
                 Ok(_) if !auth.leader.load(Ordering::SeqCst) => {

@@ -60,6 +60,9 @@ pub enum Error {
     /// Another instance took the sequencer lease: this one stopped sequencing at once.
     #[error("the sequencer lease was lost; stopped so the new holder is the only sequencer")]
     LeaseLost,
+    /// The state user could not connect.
+    #[error(transparent)]
+    Bus(#[from] toka_runtime::bus::Error),
     /// The log does not replay.
     #[error(transparent)]
     Recovery(#[from] recovery::Error),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use toka_contract::access::Role;
 use toka_contract::api::kernel::{AgentGetRequest, AgentListRequest, TaskGetRequest, TaskListRequest};
 use toka_contract::record::Hash;
 use toka_contract::{Event, subject};
@@ -68,13 +69,15 @@ pub async fn run_reporting(
     let limits = Limits::new(&settings.rate_limits)?;
     let grace = Duration::from_millis(config.shutdown.grace_ms);
     let mut shutdown = Box::pin(shutdown);
+    // The lease: a user of its own, which serves no request.
+    let state = Bus::connect_state(&config.nats, "toka-kernel-state", &Role::KernelState.inbox()).await?;
     let host = Host::start(&bus, SERVICE_NAME, DESCRIPTION, &config.admin).await?;
     let mut startup = Startup { host, lease: None, grace };
 
     // A standby waits here, not ready, until the active instance's lease lapses.
     let lease_ttl = Duration::from_millis(settings.lease_ttl_ms);
     let opened = patiently(&mut shutdown, "the lease bucket", || {
-        Lease::open(&bus, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl)
+        Lease::open(&state, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl)
     });
     let Some(lease) = opened.await else { return startup.abandon().await };
     let every = lease.renew_every();
@@ -125,6 +128,9 @@ pub async fn run_reporting(
     let (stop_sequencer, sequencer_stop) = watch::channel(false);
     let sequencer =
         tokio::spawn(Sequencer::new(bus.clone(), sequencer_settings, recovered, report).run(rx, sequencer_stop));
+    let Startup { mut host, lease, .. } = startup;
+    let Some(lease) = lease else { return Ok(()) };
+    let lease = Arc::new(tokio::sync::Mutex::new(lease));
     let kernel = Arc::new(Kernel {
         bus: bus.clone(),
         audit: audit_log.clone(),
@@ -132,22 +138,23 @@ pub async fn run_reporting(
         limits,
         inputs,
         agent_token_ttl_ms: settings.agent_token_ttl_ms,
+        instance: instance.clone(),
+        lease: lease.clone(),
     });
-    let Startup { mut host, lease, .. } = startup;
     register(&mut host, &kernel).await?;
 
     // Renew the lease; if it is lost, stop at once: the new holder is the only sequencer.
     let (lost_tx, mut lost_rx) = watch::channel(false);
+    let kept = lease.clone();
     let keeper = tokio::spawn(async move {
-        let mut lease = lease?;
         loop {
             tokio::time::sleep(every).await;
-            if !lease.renew().await {
+            if !kept.lock().await.renew().await {
                 let _ = lost_tx.send(true);
-                return Some(lease);
+                return;
             }
             if lost_tx.is_closed() {
-                return Some(lease);
+                return;
             }
         }
     });
@@ -168,11 +175,11 @@ pub async fn run_reporting(
         // The last interval's denials.
         audit_log.close().await;
         keeper.abort();
-        if let Ok(Some(mut lease)) = keeper.await {
-            lease.release().await;
-        }
+        let _ = keeper.await;
+        lease.lock().await.release().await;
     };
     host.serve_until_then(&bus, stop, grace, cleanup).await;
+    state.drain().await;
     if lost.load(Ordering::SeqCst) {
         return Err(Error::LeaseLost);
     }
@@ -182,6 +189,7 @@ pub async fn run_reporting(
 async fn register(host: &mut Host, kernel: &Arc<Kernel>) -> Result<(), Error> {
     host.serve(subject::KERNEL_SUBMIT, kernel, |k, req| async move { k.submit(req).await }).await?;
     host.serve(subject::KERNEL_SUBMIT_BATCH, kernel, |k, req| async move { k.submit_batch(req).await }).await?;
+    host.serve(subject::KERNEL_STATUS, kernel, |k, req| async move { k.status(req).await }).await?;
     host.serve(subject::KERNEL_AGENT_GET, kernel, |k, req: AgentGetRequest| async move {
         let token = req.token.clone();
         k.query(&token, move |state, caps| queries::agent_get(state, caps, &req)).await

@@ -1,12 +1,18 @@
 //! The endpoints' logic: a submitted operation is verified, rate-limited and handed to the
 //! sequencer, and answered once it is durable; a query runs on the state.
 
+use std::sync::Arc;
+use std::time::Duration;
 use toka_contract::api::auth::{Claims, DelegateRequest, TokenReply};
-use toka_contract::api::kernel::{SubmitBatchReply, SubmitBatchRequest, SubmitReply, SubmitRequest};
+use toka_contract::api::kernel::{
+    StatusReply, StatusRequest, SubmitBatchReply, SubmitBatchRequest, SubmitReply, SubmitRequest,
+};
+use toka_contract::capability::{self, NoLineage, Target};
 use toka_contract::wire::{ErrorCode, Reply, WireError};
 use toka_contract::{AgentId, Capability, Event, OpId, Operation, subject};
 use toka_runtime::audit::Ledger;
 use toka_runtime::bus::Bus;
+use toka_runtime::lease::Lease;
 use toka_runtime::limit::Limits;
 use toka_runtime::verifier::LiveVerifier;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +28,10 @@ pub(crate) struct Kernel {
     pub(crate) limits: Limits,
     pub(crate) inputs: mpsc::Sender<Input>,
     pub(crate) agent_token_ttl_ms: u64,
+    /// This instance's name in the lease.
+    pub(crate) instance: String,
+    /// The sequencer lease, shared with the task that renews it.
+    pub(crate) lease: Arc<tokio::sync::Mutex<Lease>>,
 }
 
 fn unavailable(message: &str) -> WireError {
@@ -201,3 +211,61 @@ impl Kernel {
 
 /// The principal of callers whose token did not verify, in audit records.
 const UNVERIFIED: &str = "unverified";
+
+/// How long the status waits for kernel instances to answer the services API's ping.
+const STANDBY_PING: Duration = Duration::from_millis(250);
+
+impl Kernel {
+    /// Where the sequencer stands: this instance, the lease holder, the durable head and the
+    /// state hash there, the standbys (for tokens with `read` on `agent:*`).
+    pub(crate) async fn status(&self, req: StatusRequest) -> Result<StatusReply, WireError> {
+        let claims = self.caller(&req.token, "query").await?;
+        if !capability::allows(&claims.caps, toka_contract::Action::Read, Target::Root, &NoLineage) {
+            let e =
+                WireError::new(ErrorCode::Forbidden, format!("token {} does not allow read on agent:*", claims.jti));
+            self.audit.deny(claims.sub.as_str(), "kernel.status", "agent:*", &e.message);
+            return Err(e);
+        }
+        // The state as of everything applied before this query, once that is durable; copied
+        // in constant time and hashed off the sequencer's task.
+        let (reply, wait) = oneshot::channel();
+        self.enqueue(Input::Query(Box::new(move |state: &State| {
+            let copy = state.clone();
+            Box::new(move || {
+                let _ = reply.send(copy);
+            })
+        })))?;
+        let state = wait.await.map_err(|_| unavailable("the kernel is rebuilding its state"))?;
+        let head_seq = state.last_seq();
+        let state_hash = tokio::task::spawn_blocking(move || state.hash())
+            .await
+            .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| WireError::new(ErrorCode::Internal, format!("the state does not hash: {e}")))?;
+        let lease_holder = self.lease.lock().await.holder().await;
+        Ok(StatusReply {
+            instance: self.instance.clone(),
+            lease_holder,
+            head_seq,
+            state_hash,
+            standbys: self.standbys().await,
+        })
+    }
+
+    /// Kernel instances besides this one that answer the services API's ping.
+    async fn standbys(&self) -> u32 {
+        use futures::StreamExt as _;
+        let client = self.bus.client();
+        let inbox = client.new_inbox();
+        let Ok(mut answers) = client.subscribe(inbox.clone()).await else { return 0 };
+        let ping = format!("$SRV.PING.{}", toka_contract::subject::service::KERNEL);
+        if client.publish_with_reply(ping, inbox, "".into()).await.is_err() {
+            return 0;
+        }
+        let deadline = tokio::time::Instant::now() + STANDBY_PING;
+        let mut instances = 0u32;
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, answers.next()).await {
+            instances += 1;
+        }
+        instances.saturating_sub(1)
+    }
+}

@@ -22,6 +22,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use toka_contract::access::Role;
 use toka_contract::api::MAX_PAGE;
 use toka_contract::api::storage::{
     AppendReply, EventAddress, HeadReply, HeadRequest, LogStatus, QueryHit, QueryReply, QueryRequest, ReadRequest,
@@ -111,6 +112,9 @@ pub enum Error {
     /// The WAL thread could not start.
     #[error("cannot start the WAL thread: {0}")]
     Thread(String),
+    /// The state user could not connect.
+    #[error(transparent)]
+    Bus(#[from] toka_runtime::bus::Error),
     /// The events stream could not be set up.
     #[error(transparent)]
     Publish(#[from] publish::Error),
@@ -392,7 +396,9 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     };
     tracing::info!(backend = backend.backend(), data_dir = %config.storage.data_dir.display(), "WAL open");
     let (wal, thread) = WalHandle::spawn(backend).map_err(|e| Error::Thread(e.to_string()))?;
-    let js = async_nats::jetstream::new(bus.client().clone());
+    // Publishing committed events: a user of its own, which serves no request.
+    let state = Bus::connect_state(&config.nats, "toka-storage-state", &Role::StorageState.inbox()).await?;
+    let js = async_nats::jetstream::new(state.client().clone());
     publish::ensure_stream(&js).await?;
     let (stop_publisher, stopped) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish::run(js, wal.clone(), stopped.clone()));
@@ -412,6 +418,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     if let Some(compactor) = compactor {
         let _ = compactor.await;
     }
+    state.drain().await;
     drop(wal);
     // The WAL thread ends once every handle is gone; committed data is already durable.
     let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -10,14 +10,24 @@ use crate::record::LogName;
 use crate::subject::{self, Endpoint};
 
 /// A NATS user of a Toka deployment.
+///
+/// Each service has two: the one it serves requests with, which may publish only the requests
+/// it makes and replies to inboxes, and a `-state` user for the work that is not serving (the
+/// leases in key-value buckets, publishing committed events), which serves nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     /// The kernel service.
     Kernel,
+    /// The kernel's sequencer lease (the `toka_kernel` key-value bucket).
+    KernelState,
     /// The storage service.
     Storage,
+    /// Storage's publishing of committed events (`toka.evt.>` and the `TOKA_EVENTS` stream).
+    StorageState,
     /// The auth service.
     Auth,
+    /// Auth's rotation lease (the `toka_auth` bucket) and its revocation heartbeat.
+    AuthState,
     /// The telemetry service.
     Telemetry,
     /// Clients and agent workers: the kernel's and auth's public endpoints, committed events.
@@ -28,19 +38,69 @@ pub enum Role {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 6] = [Role::Kernel, Role::Storage, Role::Auth, Role::Telemetry, Role::Client, Role::Operator];
+    pub const ALL: [Role; 9] = [
+        Role::Kernel,
+        Role::KernelState,
+        Role::Storage,
+        Role::StorageState,
+        Role::Auth,
+        Role::AuthState,
+        Role::Telemetry,
+        Role::Client,
+        Role::Operator,
+    ];
 
     /// The user's name (also its credential file's stem).
     pub const fn name(self) -> &'static str {
         match self {
             Role::Kernel => "kernel",
+            Role::KernelState => "kernel-state",
             Role::Storage => "storage",
+            Role::StorageState => "storage-state",
             Role::Auth => "auth",
+            Role::AuthState => "auth-state",
             Role::Telemetry => "telemetry",
             Role::Client => "client",
             Role::Operator => "operator",
         }
     }
+
+    /// The role a service (a [`subject::service`] name) serves requests as.
+    pub fn of_service(service: &str) -> Option<Role> {
+        match service {
+            subject::service::KERNEL => Some(Role::Kernel),
+            subject::service::STORAGE => Some(Role::Storage),
+            subject::service::AUTH => Some(Role::Auth),
+            subject::service::TELEMETRY => Some(Role::Telemetry),
+            _ => None,
+        }
+    }
+
+    /// The role for a service's work that is not serving requests, if it has any.
+    pub const fn state(self) -> Option<Role> {
+        match self {
+            Role::Kernel => Some(Role::KernelState),
+            Role::Storage => Some(Role::StorageState),
+            Role::Auth => Some(Role::AuthState),
+            _ => None,
+        }
+    }
+
+    /// The inbox prefix of the user's connections: replies to its requests come there, and it
+    /// may subscribe to nothing else of `_INBOX`.
+    pub fn inbox(self) -> String {
+        format!("{INBOXES}.{}", self.name())
+    }
+}
+
+/// Where every reply goes: a reply subject outside it is refused by the services' host, and
+/// no service may publish anywhere else unasked.
+pub const INBOXES: &str = "_INBOX";
+
+/// Whether `subject` is an inbox: `_INBOX.` and at least one more token. Services reply there
+/// and nowhere else.
+pub fn is_inbox(subject: &str) -> bool {
+    subject.strip_prefix(INBOXES).is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'))
 }
 
 /// Subjects a user may publish to and subscribe to.
@@ -50,12 +110,7 @@ pub struct Permissions {
     pub publish: Vec<String>,
     /// Subscribe allow-list.
     pub subscribe: Vec<String>,
-    /// Whether the user may reply to requests it received (NATS `allow_responses`).
-    pub responses: bool,
 }
-
-/// Every service registers with the NATS services API and makes requests of its own.
-const SERVICE_SUBSCRIBE: [&str; 2] = ["$SRV.>", "_INBOX.>"];
 
 fn all_of(service: &str) -> String {
     format!("toka.{}.v1.>", service.trim_start_matches("toka-"))
@@ -77,15 +132,33 @@ fn discovery_and_event_consumers() -> Vec<String> {
     subjects
 }
 
+/// What a lease in the key-value bucket `bucket` needs: the account's JetStream limits (read
+/// when the bucket is made), the bucket's stream, its direct reads, its keys.
+fn key_value(bucket: &str) -> [String; 5] {
+    [
+        "$JS.API.INFO".to_owned(),
+        format!("$JS.API.STREAM.*.KV_{bucket}"),
+        format!("$JS.API.DIRECT.GET.KV_{bucket}.>"),
+        format!("$JS.API.STREAM.MSG.GET.KV_{bucket}"),
+        format!("$KV.{bucket}.>"),
+    ]
+}
+
 /// The permissions of `role`.
 pub fn permissions(role: Role) -> Permissions {
     use subject::*;
+    // Every user receives replies on its own inboxes only.
+    let mut subscribe: Vec<String> = vec![format!("{}.>", role.inbox())];
     let mut publish: Vec<String> = Vec::new();
-    let mut subscribe: Vec<String> = SERVICE_SUBSCRIBE.iter().map(|s| s.to_string()).collect();
-    let mut responses = true;
+    let serves = |service: &str, subscribe: &mut Vec<String>, publish: &mut Vec<String>| {
+        // Registered with the services API; answers requests by replying to inboxes only.
+        subscribe.push(all_of(service));
+        subscribe.push("$SRV.>".to_owned());
+        publish.push(format!("{INBOXES}.>"));
+    };
     match role {
         Role::Kernel => {
-            subscribe.push(all_of(service::KERNEL));
+            serves(service::KERNEL, &mut subscribe, &mut publish);
             subscribe.push(AUTH_HEARTBEAT.to_owned());
             subscribe.push(AUTH_EVENTS.to_owned());
             publish.extend(subjects(&[
@@ -99,35 +172,34 @@ pub fn permissions(role: Role) -> Permissions {
                 AUTH_JWKS,
                 AUTH_REVOCATIONS,
             ]));
-            // The sequencer lease lives in a JetStream key-value bucket.
-            publish.push("$JS.API.>".to_owned());
-            publish.push("$KV.>".to_owned());
+            // Counting its standbys for `toka.kernel.v1.status`.
+            publish.push(format!("$SRV.PING.{}", service::KERNEL));
         }
-        Role::Storage => {
-            subscribe.push(all_of(service::STORAGE));
+        Role::KernelState => publish.extend(key_value("toka_kernel")),
+        Role::Storage => serves(service::STORAGE, &mut subscribe, &mut publish),
+        Role::StorageState => {
             publish.push(ALL_EVENTS.to_owned());
-            publish.push("$JS.API.>".to_owned());
+            publish.push(format!("$JS.API.STREAM.*.{EVENTS_STREAM}"));
         }
         Role::Auth => {
-            subscribe.push(all_of(service::AUTH));
+            serves(service::AUTH, &mut subscribe, &mut publish);
             subscribe.push(AUTH_EVENTS.to_owned());
             publish.extend(subjects(&[append(LogName::Audit), STORAGE_HEAD, STORAGE_READ, STORAGE_QUERY]));
-            publish.push(AUTH_HEARTBEAT.to_owned());
             // Rotation requests forwarded to the replica that holds the rotation lease.
             publish.push("toka.auth.v1.leader.*.rotate".to_owned());
-            // The rotation lease lives in a JetStream key-value bucket.
-            publish.push("$JS.API.>".to_owned());
-            publish.push("$KV.>".to_owned());
+        }
+        Role::AuthState => {
+            publish.extend(key_value("toka_auth"));
+            publish.push(AUTH_HEARTBEAT.to_owned());
         }
         Role::Telemetry => {
-            subscribe.push(all_of(service::TELEMETRY));
+            serves(service::TELEMETRY, &mut subscribe, &mut publish);
             subscribe.push(ALL_EVENTS.to_owned());
             publish.extend(subjects(&[STORAGE_QUERY, STORAGE_STATUS]));
             publish.extend(discovery_and_event_consumers());
         }
         Role::Client => {
-            subscribe = vec!["_INBOX.>".to_owned(), ALL_EVENTS.to_owned(), AUTH_HEARTBEAT.to_owned()];
-            responses = false;
+            subscribe.extend([ALL_EVENTS.to_owned(), AUTH_HEARTBEAT.to_owned()]);
             publish.push(all_of(service::KERNEL));
             publish.extend(subjects(&[
                 AUTH_ISSUE,
@@ -140,15 +212,17 @@ pub fn permissions(role: Role) -> Permissions {
             publish.extend(discovery_and_event_consumers());
         }
         Role::Operator => {
-            subscribe = vec!["_INBOX.>".to_owned(), ALL_EVENTS.to_owned()];
-            responses = false;
+            subscribe.push(ALL_EVENTS.to_owned());
             publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
+            publish.extend(subjects(&[KERNEL_STATUS, AUTH_ISSUE, AUTH_REVOKE, AUTH_ROTATE, AUTH_JWKS]));
             publish.extend(discovery_and_event_consumers());
         }
     }
-    // Any Toka user may ask any service for its health.
-    publish.push("toka.*.v1.health".to_owned());
-    Permissions { publish, subscribe, responses }
+    // Any Toka user may ask any service for its health; the state users ask nothing.
+    if !matches!(role, Role::KernelState | Role::StorageState | Role::AuthState) {
+        publish.push("toka.*.v1.health".to_owned());
+    }
+    Permissions { publish, subscribe }
 }
 
 /// Where the NATS server listens and keeps JetStream data.
@@ -186,9 +260,6 @@ pub fn render_server_config(settings: &ServerSettings, users: &[(Role, String)])
         let _ = writeln!(out, "      permissions: {{");
         let _ = writeln!(out, "        publish: {{ allow: [{}] }}", list(&p.publish));
         let _ = writeln!(out, "        subscribe: {{ allow: [{}] }}", list(&p.subscribe));
-        if p.responses {
-            let _ = writeln!(out, "        allow_responses: true");
-        }
         let _ = writeln!(out, "      }}");
         let _ = writeln!(out, "    }}");
     }
@@ -231,7 +302,7 @@ mod tests {
     #[test]
     fn only_storage_publishes_committed_events() {
         for role in Role::ALL {
-            assert_eq!(may_publish(role, "toka.evt.kernel.agent.spawned._"), role == Role::Storage, "{role:?}");
+            assert_eq!(may_publish(role, "toka.evt.kernel.agent.spawned._"), role == Role::StorageState, "{role:?}");
         }
     }
 
@@ -242,7 +313,6 @@ mod tests {
         assert!(!may_publish(Role::Client, subject::AUTH_HEARTBEAT), "a client could forge the revocation heartbeat");
         assert!(!may_publish(Role::Client, subject::STORAGE_READ.subject));
         assert!(!may_publish(Role::Client, "$JS.API.STREAM.DELETE.TOKA_EVENTS"));
-        assert!(!permissions(Role::Client).responses);
         assert!(!may_publish(Role::Storage, subject::AUTH_HEARTBEAT));
     }
 
@@ -269,7 +339,28 @@ mod tests {
     #[test]
     fn each_role_has_its_own_user_name() {
         let names: Vec<&str> = Role::ALL.iter().map(|r| r.name()).collect();
-        assert_eq!(names, ["kernel", "storage", "auth", "telemetry", "client", "operator"]);
+        assert_eq!(
+            names,
+            [
+                "kernel",
+                "kernel-state",
+                "storage",
+                "storage-state",
+                "auth",
+                "auth-state",
+                "telemetry",
+                "client",
+                "operator"
+            ]
+        );
+        assert_eq!(Role::Kernel.inbox(), "_INBOX.kernel");
+        for service in subject::service::ALL {
+            let role = Role::of_service(service).unwrap();
+            assert_eq!(format!("toka-{}", role.name()), service);
+        }
+        assert_eq!(Role::of_service("toka-nothing"), None);
+        assert_eq!(Role::Kernel.state(), Some(Role::KernelState));
+        assert_eq!(Role::Telemetry.state(), None);
     }
 
     #[test]
@@ -284,5 +375,61 @@ mod tests {
             assert!(!may_publish(role, "$JS.API.STREAM.INFO.OTHER"), "{role:?} sees no other stream");
         }
         assert!(!may_publish(Role::Storage, "$SRV.PING"), "services answer discovery, they do not ask");
+    }
+
+    fn may_subscribe(role: Role, subject: &str) -> bool {
+        permissions(role).subscribe.iter().any(|p| matches(p, subject))
+    }
+
+    #[test]
+    fn every_user_reads_its_own_inbox_only() {
+        for role in Role::ALL {
+            assert!(may_subscribe(role, &format!("{}.abc.1", role.inbox())), "{role:?} reads its replies");
+            for other in Role::ALL.into_iter().filter(|o| *o != role) {
+                assert!(!may_subscribe(role, &format!("{}.abc.1", other.inbox())), "{role:?} reads {other:?}'s");
+            }
+            assert!(!may_subscribe(role, "_INBOX.abc"), "{role:?} reads a stranger's");
+        }
+    }
+
+    #[test]
+    fn a_serving_user_publishes_replies_to_inboxes_and_its_own_requests_only() {
+        let attacks = [
+            "$KV.toka_kernel.sequencer",
+            "$KV.toka_auth.rotation",
+            "toka.evt.kernel.agent.spawned.x",
+            "$JS.API.STREAM.PURGE.TOKA_EVENTS",
+            "$JS.API.STREAM.DELETE.KV_toka_kernel",
+            "toka.auth.v1.heartbeat",
+        ];
+        for role in [Role::Kernel, Role::Storage, Role::Auth, Role::Telemetry] {
+            assert!(may_publish(role, "_INBOX.client.abc.1"), "{role:?} answers");
+            for subject in attacks {
+                assert!(!may_publish(role, subject), "{role:?} could be made to publish on {subject}");
+            }
+        }
+        // The work that is not serving lives on the state users, each with its own.
+        assert!(may_publish(Role::KernelState, "$KV.toka_kernel.sequencer"));
+        assert!(!may_publish(Role::KernelState, "$KV.toka_auth.rotation"));
+        assert!(may_publish(Role::AuthState, "$KV.toka_auth.rotation"));
+        assert!(may_publish(Role::AuthState, "toka.auth.v1.heartbeat"));
+        assert!(may_publish(Role::StorageState, "$JS.API.STREAM.INFO.TOKA_EVENTS"));
+        assert!(!may_publish(Role::StorageState, "$JS.API.STREAM.INFO.KV_toka_kernel"));
+        for state in [Role::KernelState, Role::AuthState, Role::StorageState] {
+            assert!(!may_publish(state, "_INBOX.client.abc.1"), "{state:?} answers nobody");
+            assert!(!may_subscribe(state, "toka.kernel.v1.submit"), "{state:?} serves nothing");
+        }
+    }
+
+    #[test]
+    fn an_inbox_is_under_the_inbox_root() {
+        for yes in ["_INBOX.client.abc", "_INBOX.x"] {
+            assert!(is_inbox(yes), "{yes}");
+        }
+        for no in
+            ["_INBOX", "_INBOX.", "_INBOXES.x", "$KV.toka_kernel.sequencer", "toka.evt.kernel.x", "x._INBOX.y", ""]
+        {
+            assert!(!is_inbox(no), "{no}");
+        }
     }
 }

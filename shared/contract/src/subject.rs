@@ -72,6 +72,8 @@ endpoints! {
     KERNEL_TASK_GET = "kernel", "task.get";
     /// List tasks with filters and paging.
     KERNEL_TASK_LIST = "kernel", "task.list";
+    /// The sequencer: lease holder, log head, state hash, standbys.
+    KERNEL_STATUS = "kernel", "status";
     /// Append to the `kernel` log (only the kernel may).
     STORAGE_APPEND_KERNEL = "storage", "append.kernel";
     /// Append to the `audit` log (only auth and the kernel may).

@@ -117,9 +117,29 @@ fn read_seed(path: &Path) -> Result<String, Error> {
 }
 
 impl Bus {
-    /// Connects as `name`, retrying until the connect timeout.
-    pub async fn connect(config: &NatsConfig, name: &str) -> Result<Bus, Error> {
-        let seed = config.nkey_seed_file.as_deref().map(read_seed).transpose()?;
+    /// Connects as `name` with replies coming to `inbox` (the user's inbox prefix,
+    /// `toka_contract::access::Role::inbox`), retrying until the connect timeout.
+    pub async fn connect(config: &NatsConfig, name: &str, inbox: &str) -> Result<Bus, Error> {
+        Self::connect_with_seed(config, config.nkey_seed_file.as_deref(), name, inbox).await
+    }
+
+    /// Connects as the service's second user (`nats.state_nkey_seed_file`), for the work that
+    /// is not serving requests.
+    pub async fn connect_state(config: &NatsConfig, name: &str, inbox: &str) -> Result<Bus, Error> {
+        let seed = config.state_nkey_seed_file.as_deref().ok_or_else(|| Error::Seed {
+            path: "nats.state_nkey_seed_file".into(),
+            reason: "not set: the service needs its state user (`toka nats-config` writes <role>-state.nk)".into(),
+        })?;
+        Self::connect_with_seed(config, Some(seed), name, inbox).await
+    }
+
+    async fn connect_with_seed(
+        config: &NatsConfig,
+        seed: Option<&Path>,
+        name: &str,
+        inbox: &str,
+    ) -> Result<Bus, Error> {
+        let seed = seed.map(read_seed).transpose()?;
         let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
         let mut wait = Duration::from_millis(50);
         loop {
@@ -128,6 +148,7 @@ impl Bus {
                 None => async_nats::ConnectOptions::new(),
             }
             .name(name)
+            .custom_inbox_prefix(inbox)
             .connection_timeout(Duration::from_secs(2));
             match options.connect(config.url.as_str()).await {
                 Ok(client) => {

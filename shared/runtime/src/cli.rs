@@ -11,6 +11,8 @@ use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use toka_contract::access::{INBOXES, Role};
+
 use super::bus::Bus;
 use super::config::{self, AdminConfig, NatsConfig, ShutdownConfig, TelemetryConfig};
 use super::{observe, shutdown};
@@ -156,7 +158,8 @@ where
             }
         };
         tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
-        let bus = match Bus::connect(config.nats(), name).await {
+        let inbox = Role::of_service(name).map_or_else(|| INBOXES.to_owned(), Role::inbox);
+        let bus = match Bus::connect(config.nats(), name, &inbox).await {
             Ok(bus) => bus,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");

@@ -71,12 +71,19 @@ struct EndpointLabels {
     endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    endpoint: String,
+    reason: String,
+}
+
 /// The host's metrics, served on `/metrics` and, when OTLP is on, exported there too.
 struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<EndpointLabels, Histogram>,
     in_flight: Gauge,
+    dropped: Family<DropLabels, Counter>,
     otel_requests: opentelemetry::metrics::Counter<u64>,
     otel_latency: opentelemetry::metrics::Histogram<f64>,
 }
@@ -89,6 +96,12 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
         });
         let in_flight = Gauge::default();
+        let dropped = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "requests_dropped",
+            "Requests dropped unanswered, by endpoint and reason (reply_subject: a reply subject outside the inboxes)",
+            dropped.clone(),
+        );
         registry.register(
             "requests",
             "Requests handled, by endpoint and reply code (ok or an error code)",
@@ -106,6 +119,7 @@ impl Metrics {
             requests,
             latency,
             in_flight,
+            dropped,
             otel_requests: meter.u64_counter("toka.requests").with_description("Requests handled").build(),
             otel_latency: meter.f64_histogram("toka.request.duration").with_unit("s").build(),
         }
@@ -130,6 +144,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// Whether `request` asks for its reply on an inbox.
+fn replies_to_an_inbox(request: &async_nats::service::Request) -> bool {
+    request.message.reply.as_ref().is_some_and(|reply| toka_contract::access::is_inbox(reply))
 }
 
 /// Shared between the host, its endpoints and the admin server.
@@ -280,6 +299,14 @@ impl Host {
                         None => break,
                     },
                 };
+                // Replies go to inboxes only: a request pointing its reply elsewhere (at a lease
+                // key, an event subject, the JetStream API) is dropped unanswered and counted.
+                if !replies_to_an_inbox(&request) {
+                    let labels = DropLabels { endpoint: endpoint.name.to_owned(), reason: "reply_subject".to_owned() };
+                    shared.metrics.dropped.get_or_create(&labels).inc();
+                    tracing::warn!(endpoint = endpoint.subject, reply = ?request.message.reply, "request dropped: its reply subject is not an inbox");
+                    continue;
+                }
                 let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
                     let busy = WireError::new(
                         ErrorCode::Unavailable,

@@ -260,3 +260,28 @@ pub struct TaskListReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_after: Option<TaskId>,
 }
+
+/// `toka.kernel.v1.status`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {
+    /// The caller's token (needs `read` on `agent:*`).
+    pub token: String,
+}
+
+/// Where the sequencer stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusReply {
+    /// The instance that answered: the sequencer, the only one serving.
+    pub instance: String,
+    /// Who holds the sequencer lease, as the lease bucket says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_holder: Option<String>,
+    /// The last durable record of the kernel log.
+    pub head_seq: u64,
+    /// The state hash after it.
+    pub state_hash: crate::record::Hash,
+    /// Kernel instances registered with the NATS services API besides this one.
+    pub standbys: u32,
+}

@@ -50,7 +50,7 @@ done
 echo
 echo "Toka is running (NATS on 127.0.0.1:4222, secured; admin ports 9101-9104)."
 echo "  logs:        $DATA/logs/{nats,kernel,storage,auth,telemetry}.log"
-echo "  credentials: $DATA/creds/ (client.nk is for clients and workers)"
+echo "  credentials: $DATA/creds/ (operator.nk for toka commands; clients connect with a token)"
 echo "  readiness:   curl -s 127.0.0.1:9101/readyz   (9101 kernel, 9102 storage, 9103 auth, 9104 telemetry)"
 echo "Press Ctrl-C to stop."
 wait -n "${pids[@]}" || true

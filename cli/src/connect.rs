@@ -14,8 +14,8 @@ pub(crate) struct Nats {
     #[arg(long = "nats-url", env = "TOKA_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     #[serde(rename = "nats_url")]
     pub(crate) url: String,
-    /// The nkey seed file of the NATS user to connect as (`toka nats-config` writes one per role).
-    #[arg(long, env = "TOKA_NATS_CREDS", default_value = "data/creds/client.nk")]
+    /// The operator's nkey seed file (`toka nats-config` writes it).
+    #[arg(long, env = "TOKA_NATS_CREDS", default_value = "data/creds/operator.nk")]
     pub(crate) creds: PathBuf,
 }
 

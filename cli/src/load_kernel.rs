@@ -288,7 +288,8 @@ fn pick(mix: &[(String, u64)], i: u64) -> &str {
 /// Runs the kernel load and prints the result.
 pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
     let mix = parse_mix(&load.mix)?;
-    let bus = load.nats.connect("toka-load", toka_contract::access::Role::Client, 30_000).await?;
+    // The operator issues the token; the load runs on a connection admitted with it.
+    let operator = load.nats.connect("toka-load-operator", toka_contract::access::Role::Operator, 30_000).await?;
     let admin = std::fs::read_to_string(&load.admin_key_file)
         .with_context(|| format!("the admin key {}", load.admin_key_file.display()))?;
     let agent_actions = [
@@ -303,10 +304,12 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         Action::Cancel,
     ];
     let caps = vec![Capability::new(Pattern::AnyAgent, &agent_actions)];
-    let token = Client::issue_token(&bus, &admin, "load".parse()?, caps, Duration::from_secs(3_600), false)
+    let token = Client::issue_token(&operator, &admin, "load".parse()?, caps, Duration::from_secs(3_600), false)
         .await
         .context("issuing a token")?;
-    let client = Client::new(bus.clone(), token.token.clone());
+    operator.drain().await;
+    let client = Client::connect(&load.nats.config(30_000), "toka-load", token.token.clone()).await?;
+    let bus = client.bus().clone();
     let token = Arc::new(token.token);
     let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
     let fresh = Arc::new(AtomicU64::new(0));

@@ -1,8 +1,9 @@
 //! `toka`: set up and operate a Toka deployment.
 //!
 //! - `toka nats-config`: generate the deployment's NATS users (one nkey per role, seeds mode
-//!   0600, never overwritten), the server configuration with least-privilege permissions, and a
-//!   configuration file per service pointing at its credentials.
+//!   0600, never overwritten), the auth callout's keys, the server configuration with accounts,
+//!   least-privilege permissions and the callout, and a configuration file per service pointing
+//!   at its credentials.
 //! - `toka ping`: which Toka services answer the NATS services API's `$SRV.PING`.
 //! - `toka token issue`: a token from auth, asked for with the deployment's admin key.
 //! - `toka load storage`: durable appends through NATS, with throughput and latency percentiles.
@@ -34,13 +35,21 @@ struct Cli {
 enum Command {
     /// Generate NATS credentials, the NATS server configuration and service configurations.
     ///
-    /// Writes DIR/creds/<role>.nk (an nkey seed per role: kernel, storage, auth and telemetry,
-    /// which serve requests and may publish nothing but their requests and replies to inboxes;
-    /// kernel-state, storage-state and auth-state, which hold the leases and publish committed
-    /// events and the revocation heartbeat; client; operator; mode 0600; kept if present, so
-    /// re-running keeps the deployment's identities),
-    /// DIR/nats.conf (JetStream on, one user per role with least-privilege permissions) and
-    /// DIR/config/<service>.toml for each service.
+    /// Writes, under DIR (kept if present, so re-running keeps the deployment's identities):
+    ///
+    /// - creds/<role>.nk: an nkey seed (mode 0600) per NATS user: kernel, storage, auth and
+    ///   telemetry, which serve requests and may publish nothing but their requests and replies
+    ///   to inboxes; kernel-state, storage-state and auth-state, which hold the leases and
+    ///   publish committed events and the revocation heartbeat; auth-callout (alone in the AUTH
+    ///   account) and auth-system (the SYS account); operator, for `toka` commands.
+    /// - creds/auth-issuer.nk and creds/auth-xkey.nk: the account key auth's callout signs the
+    ///   users it admits with, and the curve key NATS encrypts authorization requests to.
+    /// - creds/admin.key: the credential that issues the first tokens.
+    /// - nats.conf: JetStream on; accounts AUTH, TOKA and SYS; each user in its account with
+    ///   least-privilege permissions; the auth callout for every other connection. Clients have
+    ///   no key: they connect with a Toka token (`token` in the NATS clients), and auth admits
+    ///   each with the permissions its capabilities give and its own inbox, `_INBOX.<jti>`.
+    /// - config/<service>.toml for each service.
     NatsConfig {
         /// Deployment directory.
         #[arg(long, default_value = "data")]
@@ -123,9 +132,14 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
         );
         if *role == Role::Auth {
             text.push_str(&format!(
-                "\n[auth]\nkey_dir = \"{}\"\nadmin_key_file = \"{}\"\n",
+                "\n[auth]\nkey_dir = \"{}\"\nadmin_key_file = \"{}\"\n\n[auth.callout]\nnkey_seed_file = \"{}\"\n\
+                 issuer_seed_file = \"{}\"\nxkey_seed_file = \"{}\"\nsystem_nkey_seed_file = \"{}\"\n",
                 dir.join("auth").display(),
-                generated.admin_key.display()
+                generated.admin_key.display(),
+                generated.seeds[&Role::AuthCallout].display(),
+                generated.callout_issuer.display(),
+                generated.callout_xkey.display(),
+                generated.seeds[&Role::AuthSystem].display(),
             ));
         }
         if *role == Role::Storage {
@@ -143,17 +157,20 @@ fn nats_config(dir: &Path, listen: &str, monitor: &str, admin_port: u16) -> anyh
     for (role, path) in &generated.seeds {
         println!("  {:<17} {}  {}", role.name(), generated.public_keys[role], path.display());
     }
+    println!("  {:<17} {}  {}", "auth-issuer", generated.callout.issuer, generated.callout_issuer.display());
+    println!("  {:<17} {}  {}", "auth-xkey", generated.callout.xkey, generated.callout_xkey.display());
     println!(
         "Auth admin key:            {}  (issues the first tokens: `toka token issue`)",
         generated.admin_key.display()
     );
+    println!("Clients connect with a token; `toka` commands connect as the operator.");
     println!("Service configurations:    {}/{{kernel,storage,auth,telemetry}}.toml", config_dir.display());
     Ok(())
 }
 
 async fn ping(nats: &connect::Nats, wait_ms: u64) -> anyhow::Result<()> {
     use futures::StreamExt as _;
-    let bus = nats.connect("toka-cli", Role::Client, 5_000).await?;
+    let bus = nats.connect("toka-cli", Role::Operator, 5_000).await?;
     let client = bus.client();
     let inbox = client.new_inbox();
     let mut replies = client.subscribe(inbox.clone()).await?;

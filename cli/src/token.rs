@@ -51,7 +51,7 @@ pub(crate) async fn issue(args: Issue) -> anyhow::Result<()> {
     let key = std::fs::read_to_string(&args.admin_key_file)
         .with_context(|| format!("the admin key {}", args.admin_key_file.display()))?;
     let sub = args.sub.parse().context("--sub")?;
-    let bus = args.nats.connect("toka-cli", toka_contract::access::Role::Client, 5_000).await?;
+    let bus = args.nats.connect("toka-cli", toka_contract::access::Role::Operator, 5_000).await?;
     let reply = Client::issue_token(&bus, &key, sub, capabilities, args.ttl.into(), args.one_time).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);

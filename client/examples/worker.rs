@@ -7,7 +7,6 @@
 //! cargo run -p toka-client --example worker -- --queue demo --token "$TOKEN"
 //! ```
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -20,13 +19,11 @@ struct Args {
     /// NATS server URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
-    /// Client nkey seed file.
-    #[arg(long, default_value = "data/creds/client.nk")]
-    creds: PathBuf,
     /// The queue to work.
     #[arg(long)]
     queue: String,
-    /// A token with claim, heartbeat, complete and fail on `task:<queue>`.
+    /// A token with claim, heartbeat, complete and fail on `task:<queue>`; the worker connects
+    /// with it.
     #[arg(long, env = "TOKA_WORKER_TOKEN")]
     token: String,
     /// Heartbeat interval in milliseconds while a task runs.
@@ -44,7 +41,7 @@ async fn handle(task: Claimed) -> Result<String, Failure> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = NatsConfig { url: args.nats_url, nkey_seed_file: Some(args.creds), ..Default::default() };
+    let config = NatsConfig { url: args.nats_url, ..Default::default() };
     let client = Client::connect(&config, "toka-example-worker", args.token).await?;
     let worker = Worker::new(client, args.queue.parse()?, format!("example-{}", std::process::id()));
     eprintln!("working queue {}; Ctrl-C stops", args.queue);

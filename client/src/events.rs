@@ -60,7 +60,14 @@ pub async fn follow(bus: &Bus, filter: &str, start: Start) -> Result<Events, Wir
         Start::New => DeliverPolicy::New,
         Start::StreamSeq(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
     };
-    let config = OrderedConfig { filter_subject: filter.to_owned(), deliver_policy, ..OrderedConfig::default() };
+    // Named, so the filter is part of the request's subject, which is what the bus permits.
+    let name = format!("events-{}", crate::fresh_op_id()?);
+    let config = OrderedConfig {
+        name: Some(name),
+        filter_subject: filter.to_owned(),
+        deliver_policy,
+        ..OrderedConfig::default()
+    };
     let consumer = stream.create_consumer(config).await.map_err(|e| unavailable("an events consumer", e))?;
     let messages = consumer.messages().await.map_err(|e| unavailable("reading events", e))?;
     Ok(Events { messages })

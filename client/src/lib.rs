@@ -13,7 +13,7 @@
 //! use toka_contract::Operation;
 //! use toka_contract::spec::AgentSpec;
 //!
-//! let nats = NatsConfig { nkey_seed_file: Some("data/creds/client.nk".into()), ..NatsConfig::default() };
+//! let nats = NatsConfig { url: "nats://127.0.0.1:4222".into(), ..NatsConfig::default() };
 //! let client = Client::connect(&nats, "my-program", std::env::var("TOKA_TOKEN")?).await?;
 //! let spec = AgentSpec { name: "planner".parse()?, parent: None, limits: Default::default() };
 //! let reply = client.submit(Operation::SpawnAgent(spec)).await?;
@@ -30,7 +30,6 @@ pub mod worker;
 
 use std::time::Duration;
 
-use toka_contract::access::Role;
 use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
 use toka_contract::api::kernel::{
     AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, StatusReply, StatusRequest,
@@ -112,21 +111,26 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to NATS as `name` and acts with `token`.
+    /// Connects to NATS as `name` with `token` and acts with it: the connection is admitted by
+    /// auth with the token's permissions and receives replies on the token's own inbox
+    /// (`nats.nkey_seed_file` is not used). It closes when the token expires or is revoked;
+    /// connect again with a fresh token.
     pub async fn connect(
         nats: &NatsConfig,
         name: &str,
         token: impl Into<String>,
     ) -> Result<Client, toka_runtime::bus::Error> {
-        Ok(Client::new(Bus::connect(nats, name, &Role::Client.inbox()).await?, token))
+        let token = token.into();
+        Ok(Client::new(Bus::connect_with_token(nats, name, &token).await?, token))
     }
 
-    /// A client on an open connection.
+    /// A client on an open connection (one made with this token, or an operator's).
     pub fn new(bus: Bus, token: impl Into<String>) -> Client {
         Client { bus, token: token.into(), retry: Retry::default() }
     }
 
-    /// The same connection acting with another token.
+    /// The same connection acting with another token (the connection keeps the permissions it
+    /// was admitted with).
     pub fn with_token(&self, token: impl Into<String>) -> Client {
         Client { bus: self.bus.clone(), token: token.into(), retry: self.retry }
     }

@@ -32,7 +32,7 @@ use crate::storage::start_storage;
 
 /// Starts auth with its keys in `key_dir`, the test's changes applied to its settings.
 pub(crate) async fn start_auth(nats: &Nats, key_dir: &Path, tweak: impl FnOnce(&mut AuthConfig)) -> Running {
-    let mut auth = AuthConfig { key_dir: key_dir.to_owned(), ..AuthConfig::default() };
+    let mut auth = AuthConfig { key_dir: key_dir.to_owned(), callout: nats.callout(), ..AuthConfig::default() };
     tweak(&mut auth);
     spawn_service(service::AUTH, nats, Role::Auth, move |nats, admin, bus, stop| {
         toka_auth::run(toka_auth::Config { nats, admin, auth, ..Default::default() }, bus, stop)
@@ -56,7 +56,7 @@ impl Stack {
         let storage = start_storage(&nats, &dir.path().join("storage")).await;
         let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
         toka_runtime::deploy::write_secret(&dir.path().join("admin.key"), &format!("{admin_key}\n")).unwrap();
-        let client = nats.connect(Role::Client).await;
+        let client = nats.connect(Role::Operator).await;
         Some(Stack { nats, dir, _storage: storage, admin_key, client })
     }
 
@@ -706,7 +706,7 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
     drop(asked);
     let _storage = start_storage(&nats, &dir.path().join("storage")).await;
     assert_eventually!(Duration::from_secs(10), crate::harness::http_get(addr, "/readyz").await.0 == 200, "ready");
-    let client = nats.connect(Role::Client).await;
+    let client = nats.connect(Role::Operator).await;
     let jwks: JwksReply = client.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await.unwrap();
     assert_eq!(jwks.keys.len(), 1, "the first key was made");
     let _ = stop.send(());

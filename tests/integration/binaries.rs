@@ -111,7 +111,7 @@ async fn a_service_exports_its_traces_over_otlp_and_exits_0_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let client = nats.connect(Role::Client).await;
+    let client = nats.connect(Role::Operator).await;
     assert_eventually!(
         Duration::from_secs(20),
         client.request::<HealthRequest, HealthReply>(subject::AUTH_HEALTH.subject, &HealthRequest {}).await.is_ok(),

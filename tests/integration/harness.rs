@@ -7,7 +7,6 @@
 //! every test talks to the same least-privilege bus a deployment gets. Without Docker, container
 //! tests print why they skipped; with `TOKA_REQUIRE_DOCKER=1` (as `.ci/run` sets) they fail.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +17,7 @@ use testcontainers::runners::AsyncRunner as _;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt as _};
 use toka_contract::Envelope;
 use toka_contract::KernelRecord;
-use toka_contract::access::{self, Role, ServerSettings};
+use toka_contract::access::{Role, ServerSettings};
 use toka_contract::api::storage::{ReadReply, ReadRequest};
 use toka_contract::record::{Chain, Hash, LogName, Record};
 use toka_contract::schema::{Registry, ReplyContract};
@@ -106,7 +105,7 @@ pub fn python(modules: &str) -> Option<PathBuf> {
 pub struct Nats {
     _container: ContainerAsync<GenericImage>,
     pub url: String,
-    seeds: BTreeMap<Role, PathBuf>,
+    generated: deploy::Generated,
     _dir: TempDir,
 }
 
@@ -118,22 +117,15 @@ impl Nats {
             return None;
         }
         let dir = temp_dir("nats");
-        let mut seeds = BTreeMap::new();
-        let mut users = Vec::new();
-        for role in Role::ALL {
-            let (seed, public) = deploy::new_user_key().unwrap();
-            let path = dir.path().join(format!("{}.nk", role.name()));
-            deploy::write_secret(&path, &seed).unwrap();
-            seeds.insert(role, path);
-            users.push((role, public));
-        }
         let settings = ServerSettings {
             listen: "0.0.0.0:4222".into(),
             monitor: None,
             store_dir: "/data/jetstream".into(),
             max_payload: 1 << 20,
         };
-        let config = access::render_server_config(&settings, &users);
+        // The deployment's keys and configuration, as `toka nats-config` makes them.
+        let generated = deploy::generate(dir.path(), &settings).unwrap();
+        let config = std::fs::read_to_string(&generated.server_config).unwrap();
         let container = GenericImage::new(NATS_IMAGE.0, NATS_IMAGE.1)
             .with_exposed_port(4222.tcp())
             .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
@@ -143,7 +135,7 @@ impl Nats {
             .await
             .expect("NATS container starts");
         let port = container.get_host_port_ipv4(4222).await.unwrap();
-        Some(Nats { _container: container, url: format!("nats://127.0.0.1:{port}"), seeds, _dir: dir })
+        Some(Nats { _container: container, url: format!("nats://127.0.0.1:{port}"), generated, _dir: dir })
     }
 
     /// The NATS configuration of a `role` user (with its state user's seed, for a service
@@ -151,11 +143,31 @@ impl Nats {
     pub fn config(&self, role: Role) -> NatsConfig {
         NatsConfig {
             url: self.url.clone(),
-            nkey_seed_file: Some(self.seeds[&role].clone()),
-            state_nkey_seed_file: role.state().map(|state| self.seeds[&state].clone()),
+            nkey_seed_file: Some(self.generated.seeds[&role].clone()),
+            state_nkey_seed_file: role.state().map(|state| self.generated.seeds[&state].clone()),
             request_timeout_ms: 2_000,
             connect_timeout_ms: 5_000,
         }
+    }
+
+    /// Auth's callout settings for this server.
+    pub fn callout(&self) -> toka_auth::CalloutConfig {
+        toka_auth::CalloutConfig {
+            nkey_seed_file: Some(self.generated.seeds[&Role::AuthCallout].clone()),
+            issuer_seed_file: Some(self.generated.callout_issuer.clone()),
+            xkey_seed_file: Some(self.generated.callout_xkey.clone()),
+            system_nkey_seed_file: Some(self.generated.seeds[&Role::AuthSystem].clone()),
+        }
+    }
+
+    /// The connection settings for a client (which connects with a token, no key).
+    pub fn client_config(&self) -> NatsConfig {
+        NatsConfig { nkey_seed_file: None, state_nkey_seed_file: None, ..self.config(Role::Operator) }
+    }
+
+    /// A client acting with `token`, on a connection admitted with it.
+    pub async fn client(&self, token: &str) -> toka_client::Client {
+        toka_client::Client::connect(&self.client_config(), "test-client", token).await.unwrap()
     }
 
     /// A connection as `role`.

@@ -61,6 +61,9 @@ pub(crate) struct Stack {
     storage: Option<Running>,
     pub(crate) auth: Running,
     admin_key: String,
+    /// The operator's connection, which issues tokens with the admin key.
+    pub(crate) operators: Bus,
+    /// A client's connection, admitted with a token that may do everything to agents and tasks.
     pub(crate) client: Bus,
 }
 
@@ -73,35 +76,61 @@ impl Stack {
         let key_file = dir.path().join("admin.key");
         toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
         let auth = start_auth(&nats, &dir.path().join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
-        let client = nats.connect(Role::Client).await;
-        Some(Stack { nats, dir, storage: Some(storage), auth, admin_key, client })
+        let operators = nats.connect(Role::Operator).await;
+        let token = issue(&operators, &admin_key, "client", everything()).await;
+        let client = nats.client(&token).await.bus().clone();
+        Some(Stack { nats, dir, storage: Some(storage), auth, admin_key, operators, client })
     }
 
     pub(crate) async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
-        let request = IssueRequest {
+        issue(&self.operators, &self.admin_key, sub, caps).await
+    }
+
+    /// Where auth keeps its signing keys.
+    pub(crate) fn keys_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("keys")
+    }
+
+    /// Revokes `jti` with the admin key.
+    pub(crate) async fn revoke(&self, jti: toka_contract::TokenId) {
+        let request = toka_contract::api::auth::RevokeRequest {
             credential: Credential::AdminKey(self.admin_key.clone()),
-            sub: sub.parse().unwrap(),
-            capabilities: caps,
-            ttl_ms: 3_600_000,
-            one_time: false,
+            jti,
+            reason: "test".into(),
         };
-        let reply: TokenReply = self.client.request(subject::AUTH_ISSUE.subject, &request).await.unwrap();
-        reply.token
+        let _: toka_contract::api::auth::RevokeReply =
+            self.operators.request(subject::AUTH_REVOKE.subject, &request).await.unwrap();
     }
 
     pub(crate) async fn operator(&self) -> String {
-        let agents = Capability::new(Pattern::AnyAgent, AGENT_ACTIONS);
-        let tasks = Capability::new(Pattern::AnyQueue, TASK_ACTIONS);
-        self.token("operator", vec![agents, tasks]).await
+        self.token("operator", everything()).await
     }
 
     pub(crate) async fn kernel_log(&self) -> Vec<toka_contract::KernelRecord> {
         self.nats.read_log::<Operation>(LogName::Kernel).await
     }
 
-    async fn audit_log(&self) -> Vec<toka_contract::AuditRecord> {
+    pub(crate) async fn audit_log(&self) -> Vec<toka_contract::AuditRecord> {
         self.nats.read_log::<toka_contract::record::AuditEntry>(LogName::Audit).await
     }
+}
+
+/// A token from auth, issued with the admin key over the operator's connection.
+async fn issue(operators: &Bus, admin_key: &str, sub: &str, caps: Vec<Capability>) -> String {
+    let request = IssueRequest {
+        credential: Credential::AdminKey(admin_key.to_owned()),
+        sub: sub.parse().unwrap(),
+        capabilities: caps,
+        ttl_ms: 3_600_000,
+        one_time: false,
+    };
+    let reply: TokenReply = operators.request(subject::AUTH_ISSUE.subject, &request).await.unwrap();
+    reply.token
+}
+
+/// Every action on every agent and every queue.
+fn everything() -> Vec<Capability> {
+    vec![Capability::new(Pattern::AnyAgent, AGENT_ACTIONS), Capability::new(Pattern::AnyQueue, TASK_ACTIONS)]
 }
 
 const AGENT_ACTIONS: &[Action] = &[
@@ -652,7 +681,7 @@ async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_
 async fn the_load_generator_reports_durable_operations_by_kind_as_json() {
     let Some(stack) = Stack::start("kernel-load").await else { return };
     let (_kernel, hashes) = start_kernel(&stack.nats, "k").await;
-    let seed = stack.nats.config(Role::Client).nkey_seed_file.unwrap();
+    let seed = stack.nats.config(Role::Operator).nkey_seed_file.unwrap();
     let output = tokio::process::Command::new(crate::binaries::binary("toka"))
         .args(["load", "kernel", "--nats-url", &stack.nats.url, "--creds"])
         .arg(&seed)

@@ -146,12 +146,12 @@ async fn a_bad_request_gets_a_body_and_error_headers_naming_schema_and_pointer()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
+async fn an_operator_can_neither_append_to_storage_nor_forge_an_event() {
     let Some(nats) = Nats::start().await else { return };
     let storage = nats.connect(Role::Storage).await;
     let publisher = nats.connect(Role::StorageState).await;
     let kernel = nats.connect(Role::Kernel).await;
-    let client = nats.connect(Role::Client).await;
+    let client = nats.connect(Role::Operator).await;
     let observer = nats.connect(Role::Telemetry).await;
 
     // What storage would receive on the kernel log's append subject.
@@ -209,14 +209,16 @@ async fn a_client_can_neither_append_to_storage_nor_forge_an_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_or_unknown_user_cannot_connect() {
     let Some(nats) = Nats::start().await else { return };
-    let anonymous = NatsConfig { nkey_seed_file: None, connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous", &Role::Client.inbox()).await.is_err());
+    // With no auth running, the callout answers nobody, so nothing without a key gets in.
+    let anonymous = NatsConfig { nkey_seed_file: None, connect_timeout_ms: 500, ..nats.config(Role::Operator) };
+    assert!(toka_runtime::bus::Bus::connect(&anonymous, "anonymous", &Role::Operator.inbox()).await.is_err());
     let dir = crate::harness::temp_dir("stranger");
     let (seed, _) = toka_runtime::deploy::new_user_key().unwrap();
     let path = dir.path().join("stranger.nk");
     toka_runtime::deploy::write_secret(&path, &seed).unwrap();
-    let stranger = NatsConfig { nkey_seed_file: Some(path), connect_timeout_ms: 500, ..nats.config(Role::Client) };
-    assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger", &Role::Client.inbox()).await.is_err());
-    // The positive control: the deployment's own client seed connects.
-    assert!(toka_runtime::bus::Bus::connect(&nats.config(Role::Client), "client", &Role::Client.inbox()).await.is_ok());
+    let stranger = NatsConfig { nkey_seed_file: Some(path), connect_timeout_ms: 500, ..nats.config(Role::Operator) };
+    assert!(toka_runtime::bus::Bus::connect(&stranger, "stranger", &Role::Operator.inbox()).await.is_err());
+    // The positive control: the deployment's own operator seed connects.
+    let operator = nats.config(Role::Operator);
+    assert!(toka_runtime::bus::Bus::connect(&operator, "operator", &Role::Operator.inbox()).await.is_ok());
 }

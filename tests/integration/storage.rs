@@ -42,8 +42,13 @@ async fn stream_headers(nats: &Nats) -> Vec<async_nats::HeaderMap> {
     let js = async_nats::jetstream::new(nats.connect(Role::Operator).await.client().clone());
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
     let count = stream.info().await.unwrap().state.messages as usize;
-    let consumer =
-        stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await.unwrap();
+    // Named and filtered, as the operator's permissions require.
+    let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+        name: Some(format!("headers-{}", toka_runtime::now_us())),
+        filter_subject: subject::ALL_EVENTS.into(),
+        ..Default::default()
+    };
+    let consumer = stream.create_consumer(config).await.unwrap();
     let mut messages = consumer.messages().await.unwrap().take(count);
     let mut headers = Vec::new();
     while let Some(message) = messages.next().await {

@@ -38,6 +38,24 @@ pub struct AuthConfig {
     /// Rate limits per principal for each operation class: `issue`, `delegate`, `revoke`,
     /// `rotate`, and `read` (JWKS and revocations, for all callers together).
     pub rate_limits: BTreeMap<String, Rate>,
+    /// The NATS auth callout, which admits clients connecting with a token.
+    pub callout: CalloutConfig,
+}
+
+/// The NATS auth callout's credentials, all written by `toka nats-config`. With none set, auth
+/// does not answer authorization requests and no client can connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CalloutConfig {
+    /// The seed of the callout user, alone in the `AUTH` account (`auth-callout.nk`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// The account seed that signs the users the callout mints (`auth-issuer.nk`, `SA…`).
+    pub issuer_seed_file: Option<PathBuf>,
+    /// The curve seed the server encrypts authorization requests to (`auth-xkey.nk`, `SX…`).
+    pub xkey_seed_file: Option<PathBuf>,
+    /// The seed of auth's system user (`auth-system.nk`, the `SYS` account), which closes the
+    /// open connections of revoked tokens.
+    pub system_nkey_seed_file: Option<PathBuf>,
 }
 
 impl AuthConfig {
@@ -69,6 +87,7 @@ impl Default for AuthConfig {
                 ("rotate".to_owned(), Rate::new(1, 3)),
                 ("read".to_owned(), Rate::new(1_000, 2_000)),
             ]),
+            callout: CalloutConfig::default(),
         }
     }
 }

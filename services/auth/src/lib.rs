@@ -6,6 +6,8 @@
 //!   resolves.
 //! - [`config`]: its configuration (`toka-auth --dump-config` prints every key).
 //! - `handlers`: who a credential is, what it may do, and each endpoint's decision.
+//! - `callout`: the NATS auth callout, admitting each client connection with its token's
+//!   permissions; `kick`: closing revoked tokens' open connections.
 //! - [`signing`]: the private keys and the tokens they sign.
 //! - [`delegation`]: the rule a child token's claims follow.
 //! - [`lineage`]: agent descent and token ancestry, read from the logs.
@@ -17,10 +19,12 @@
 //! asked of another replica is forwarded to the holder. This crate depends on `toka-contract`
 //! and `toka-runtime` only, never on another service.
 
+mod callout;
 pub mod config;
 pub mod delegation;
 mod handlers;
 pub mod keys;
+mod kick;
 pub mod lineage;
 pub mod revocations;
 mod run;
@@ -28,7 +32,7 @@ pub mod signing;
 
 use toka_runtime::{host, lease, limit};
 
-pub use config::{AuthConfig, Config};
+pub use config::{AuthConfig, CalloutConfig, Config};
 pub use run::run;
 
 /// The name this service registers with the NATS services API.

@@ -24,8 +24,10 @@ use toka_runtime::now_us;
 use toka_runtime::shutdown::{patiently, unless};
 use toka_runtime::token::Verifier;
 
+use crate::callout::{self, Callout};
 use crate::handlers::{Auth, read, read_admin_key, write};
 use crate::keys::{KeyRing, KeyStore};
+use crate::kick;
 use crate::revocations::Revocations;
 use crate::{Config, DESCRIPTION, Error, LEASE_BUCKET, LEASE_KEY, SERVICE_NAME};
 
@@ -46,6 +48,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         ));
     }
     let limits = Limits::new(&settings.rate_limits)?;
+    let (callout, callout_bus, system_bus) = connect_callout(&config).await?;
     // The lease and the heartbeat: a user of their own, which serves no request.
     let state = Bus::connect_state(&config.nats, "toka-auth-state", &Role::AuthState.inbox()).await?;
     let store = KeyStore::open(&settings.key_dir)?;
@@ -58,11 +61,16 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         Verifier::new(&JwksReply { keys: Vec::new() }, settings.leeway_s).map_err(|e| Error::Setting(e.to_string()))?,
     ));
     let keys_changed = Arc::new(tokio::sync::Notify::new());
+    // Revocations, for closing the revoked tokens' open connections.
+    let (revoked_tx, revoked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let observer: audit::Observer = {
         let verifier = verifier.clone();
         let keys_changed = keys_changed.clone();
         Arc::new(move |event: &Event| match event {
-            Event::TokenRevoked { jti, .. } => write(&verifier).revoke(*jti),
+            Event::TokenRevoked { jti, .. } => {
+                write(&verifier).revoke(*jti);
+                let _ = revoked_tx.send(jti.to_string());
+            }
             Event::KeyRotated { .. } => keys_changed.notify_one(),
             _ => {}
         })
@@ -112,12 +120,24 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         return Ok(());
     }
 
-    let tasks = vec![
+    let mut tasks = vec![
         keeper,
         tokio::spawn(heartbeat_loop(auth.clone(), state.clone())),
         tokio::spawn(follow_events(auth.clone())?),
         tokio::spawn(serve_forwarded_rotations(auth.clone()).await?),
     ];
+    if let Some(callout) = callout {
+        host.register_metric(
+            "auth_callout_refusals",
+            "Client connections refused by the auth callout, by reason",
+            callout.refusals(),
+        );
+        let bus = callout_bus.clone().ok_or_else(|| Error::Setting("auth.callout: no connection".into()))?;
+        tasks.push(callout::serve(auth.clone(), callout, bus).await?);
+    }
+    if let Some(system) = system_bus.clone() {
+        tasks.push(tokio::spawn(kick::serve(system, revoked_rx)));
+    }
     register(&mut host, &auth).await?;
     tracing::info!(instance = %instance, "auth serving");
     let cleanup = async {
@@ -130,7 +150,33 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     };
     host.serve_until_then(&bus, shutdown, grace, cleanup).await;
     state.drain().await;
+    for bus in [callout_bus, system_bus].into_iter().flatten() {
+        bus.drain().await;
+    }
     Ok(())
+}
+
+/// The callout's keys and its own connection (so no client flood can starve it), and the
+/// system user's connection that closes revoked tokens' connections, if configured.
+async fn connect_callout(config: &Config) -> Result<(Option<Arc<Callout>>, Option<Bus>, Option<Bus>), Error> {
+    let c = &config.auth.callout;
+    match (&c.nkey_seed_file, &c.issuer_seed_file, &c.xkey_seed_file, &c.system_nkey_seed_file) {
+        (None, None, None, None) => {
+            tracing::warn!("no auth.callout: clients connecting with tokens will be refused by NATS");
+            Ok((None, None, None))
+        }
+        (Some(user), Some(issuer), Some(xkey), Some(system)) => {
+            let callout = Callout::load(issuer, xkey)?;
+            let bus = Bus::connect_user(&config.nats, user, "toka-auth-callout", &Role::AuthCallout.inbox()).await?;
+            let system = Bus::connect_user(&config.nats, system, "toka-auth-system", &Role::AuthSystem.inbox()).await?;
+            Ok((Some(Arc::new(callout)), Some(bus), Some(system)))
+        }
+        _ => Err(Error::Setting(
+            "auth.callout: set all of nkey_seed_file, issuer_seed_file, xkey_seed_file and system_nkey_seed_file, \
+             or none"
+                .into(),
+        )),
+    }
 }
 
 async fn register(host: &mut Host, auth: &Arc<Auth>) -> Result<(), Error> {

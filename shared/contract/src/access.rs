@@ -1,19 +1,24 @@
-//! Who may publish and subscribe to what on the bus: one NATS user per service plus one for
-//! clients, each with least-privilege permissions, rendered into the server configuration.
+//! Who may publish and subscribe to what on the bus: the accounts, one NATS user per service
+//! role with least-privilege permissions, and what a client connecting with a Toka token may do
+//! ([`token_permissions`], which auth's callout puts in the user it mints for the connection),
+//! rendered into the server configuration.
 //!
-//! The table here is the one place these permissions are decided; the local stack, the
-//! container tests and the Kubernetes manifests all render it. `ARCHITECTURE.md` explains it.
+//! The tables here are the one place these permissions are decided; the local stack, the
+//! container tests and the Kubernetes manifests all render them. `ARCHITECTURE.md` explains them.
 
 use std::fmt::Write as _;
 
+use crate::capability::{Action, Capability, Pattern};
 use crate::record::LogName;
 use crate::subject::{self, Endpoint};
 
-/// A NATS user of a Toka deployment.
+/// A NATS user of a Toka deployment with a key of its own (clients have none: they connect with
+/// a Toka token, [`token_permissions`]).
 ///
 /// Each service has two: the one it serves requests with, which may publish only the requests
 /// it makes and replies to inboxes, and a `-state` user for the work that is not serving (the
-/// leases in key-value buckets, publishing committed events), which serves nothing.
+/// leases in key-value buckets, publishing committed events), which serves nothing. Auth has two
+/// more, outside the `TOKA` account: the callout user, alone in `AUTH`, and a system user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
     /// The kernel service.
@@ -28,25 +33,57 @@ pub enum Role {
     Auth,
     /// Auth's rotation lease (the `toka_auth` bucket) and its revocation heartbeat.
     AuthState,
+    /// Auth answering the server's authorization requests (the `AUTH` account).
+    AuthCallout,
+    /// Auth listing and closing client connections (the `SYS` account).
+    AuthSystem,
     /// The telemetry service.
     Telemetry,
-    /// Clients and agent workers: the kernel's and auth's public endpoints, committed events.
-    Client,
-    /// Operators and auditors: read, query and verify the logs, storage status, discovery.
+    /// Operators and auditors: issue the first tokens with the admin key, read, query and verify
+    /// the logs, storage and kernel status, discovery.
     Operator,
 }
 
+/// The accounts of a deployment: the subjects of one are invisible to the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Account {
+    /// Only the callout user: the server's authorization requests.
+    Auth,
+    /// Toka itself: the services, the operator, and every client the callout admits.
+    Toka,
+    /// The server's system account.
+    Sys,
+}
+
+impl Account {
+    /// Every account.
+    pub const ALL: [Account; 3] = [Account::Auth, Account::Toka, Account::Sys];
+
+    /// Its name in the server configuration (and the `aud` of the users minted for it).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Account::Auth => "AUTH",
+            Account::Toka => "TOKA",
+            Account::Sys => "SYS",
+        }
+    }
+}
+
+/// Where the server sends authorization requests, in the `AUTH` account.
+pub const CALLOUT_SUBJECT: &str = "$SYS.REQ.USER.AUTH";
+
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 9] = [
+    pub const ALL: [Role; 10] = [
         Role::Kernel,
         Role::KernelState,
         Role::Storage,
         Role::StorageState,
         Role::Auth,
         Role::AuthState,
+        Role::AuthCallout,
+        Role::AuthSystem,
         Role::Telemetry,
-        Role::Client,
         Role::Operator,
     ];
 
@@ -59,9 +96,19 @@ impl Role {
             Role::StorageState => "storage-state",
             Role::Auth => "auth",
             Role::AuthState => "auth-state",
+            Role::AuthCallout => "auth-callout",
+            Role::AuthSystem => "auth-system",
             Role::Telemetry => "telemetry",
-            Role::Client => "client",
             Role::Operator => "operator",
+        }
+    }
+
+    /// The account the user belongs to.
+    pub const fn account(self) -> Account {
+        match self {
+            Role::AuthCallout => Account::Auth,
+            Role::AuthSystem => Account::Sys,
+            _ => Account::Toka,
         }
     }
 
@@ -120,15 +167,26 @@ fn subjects(endpoints: &[Endpoint]) -> impl Iterator<Item = String> + '_ {
     endpoints.iter().map(|e| e.subject.to_owned())
 }
 
-/// Asking the services API who is there, and consuming the committed-events stream.
+/// Asking the services API who is there.
+const DISCOVERY: [&str; 6] = ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"];
+
+/// Reading the committed-events stream through a consumer of one's own on `filter`.
+fn event_consumers(filter: &str) -> Vec<String> {
+    let stream = subject::EVENTS_STREAM;
+    vec![
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.CONSUMER.CREATE.{stream}.*.{filter}"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
+        format!("$JS.ACK.{stream}.>"),
+    ]
+}
+
+/// Discovery, and consuming every committed event: telemetry and operators.
 fn discovery_and_event_consumers() -> Vec<String> {
-    let mut subjects: Vec<String> =
-        ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"]
-            .map(String::from)
-            .to_vec();
-    subjects.push("$JS.API.CONSUMER.>".to_owned());
-    subjects.push(format!("$JS.API.STREAM.INFO.{}", subject::EVENTS_STREAM));
-    subjects.push(format!("$JS.ACK.{}.>", subject::EVENTS_STREAM));
+    let mut subjects: Vec<String> = DISCOVERY.map(String::from).to_vec();
+    subjects.extend(event_consumers(subject::ALL_EVENTS));
     subjects
 }
 
@@ -198,29 +256,82 @@ pub fn permissions(role: Role) -> Permissions {
             publish.extend(subjects(&[STORAGE_QUERY, STORAGE_STATUS]));
             publish.extend(discovery_and_event_consumers());
         }
-        Role::Client => {
+        Role::AuthCallout => {
+            // Alone in its account: the server's requests, and the answers to them.
+            subscribe.push(CALLOUT_SUBJECT.to_owned());
+            publish.push("$SYS._INBOX.>".to_owned());
+        }
+        Role::AuthSystem => {
+            publish.push("$SYS.REQ.SERVER.PING.CONNZ".to_owned());
+            publish.push("$SYS.REQ.SERVER.*.KICK".to_owned());
+        }
+        Role::Operator => {
             subscribe.extend([ALL_EVENTS.to_owned(), AUTH_HEARTBEAT.to_owned()]);
-            publish.push(all_of(service::KERNEL));
+            publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
             publish.extend(subjects(&[
+                KERNEL_STATUS,
                 AUTH_ISSUE,
                 AUTH_DELEGATE,
                 AUTH_REVOKE,
-                AUTH_JWKS,
                 AUTH_ROTATE,
+                AUTH_JWKS,
                 AUTH_REVOCATIONS,
             ]));
             publish.extend(discovery_and_event_consumers());
         }
-        Role::Operator => {
-            subscribe.push(ALL_EVENTS.to_owned());
-            publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
-            publish.extend(subjects(&[KERNEL_STATUS, AUTH_ISSUE, AUTH_REVOKE, AUTH_ROTATE, AUTH_JWKS]));
-            publish.extend(discovery_and_event_consumers());
-        }
     }
     // Any Toka user may ask any service for its health; the state users ask nothing.
-    if !matches!(role, Role::KernelState | Role::StorageState | Role::AuthState) {
+    if role.account() == Account::Toka && !matches!(role, Role::KernelState | Role::StorageState | Role::AuthState) {
         publish.push("toka.*.v1.health".to_owned());
+    }
+    Permissions { publish, subscribe }
+}
+
+/// The inbox prefix of a client connecting with the token `jti`: its replies come there, and
+/// it may subscribe to nothing else of `_INBOX`.
+pub fn token_inbox(jti: &str) -> String {
+    format!("{INBOXES}.{jti}")
+}
+
+/// What a connection authenticated with a Toka token may do on the bus, from the token's id and
+/// capabilities. Auth's callout mints a user with these permissions for each such connection.
+///
+/// Every token may publish the kernel's client endpoints (the kernel checks the token in each
+/// request), delegate and revoke, read the keys and revocations, ask for health and discovery,
+/// and receive replies on its own inbox. `issue` and `rotate` need a capability with those
+/// actions; committed kernel events (live and from the stream) need `read` on every agent.
+/// No token reads audit events or another token's inbox.
+pub fn token_permissions(jti: &str, caps: &[Capability]) -> Permissions {
+    use subject::*;
+    let mut publish: Vec<String> = subjects(&[
+        KERNEL_SUBMIT,
+        KERNEL_SUBMIT_BATCH,
+        KERNEL_AGENT_GET,
+        KERNEL_AGENT_LIST,
+        KERNEL_TASK_GET,
+        KERNEL_TASK_LIST,
+        KERNEL_STATUS,
+        AUTH_DELEGATE,
+        AUTH_REVOKE,
+        AUTH_JWKS,
+        AUTH_REVOCATIONS,
+    ])
+    .collect();
+    let holds = |action: Action| caps.iter().any(|c| c.actions.contains(action));
+    if holds(Action::Issue) {
+        publish.push(AUTH_ISSUE.subject.to_owned());
+    }
+    if holds(Action::Rotate) {
+        publish.push(AUTH_ROTATE.subject.to_owned());
+    }
+    publish.push("toka.*.v1.health".to_owned());
+    publish.extend(DISCOVERY.map(String::from));
+    let mut subscribe = vec![format!("{}.>", token_inbox(jti)), AUTH_HEARTBEAT.to_owned()];
+    let reads_every_agent = caps.iter().any(|c| c.resource == Pattern::AnyAgent && c.actions.contains(Action::Read));
+    if reads_every_agent {
+        let kernel_events = format!("{EVENTS_ROOT}.{}.>", LogName::Kernel.as_str());
+        publish.extend(event_consumers(&kernel_events));
+        subscribe.push(kernel_events);
     }
     Permissions { publish, subscribe }
 }
@@ -238,32 +349,64 @@ pub struct ServerSettings {
     pub max_payload: u32,
 }
 
-/// A NATS server configuration with JetStream and one nkey user per role. `users` pairs each
-/// role with its public nkey (`U…`).
-pub fn render_server_config(settings: &ServerSettings, users: &[(Role, String)]) -> String {
+/// The public keys auth's callout answers with: the account key that signs the users it mints
+/// (`A…`) and the curve key the server encrypts authorization requests to (`X…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutKeys {
+    /// The issuer's public account key.
+    pub issuer: String,
+    /// The callout's public xkey.
+    pub xkey: String,
+}
+
+/// A NATS server configuration: JetStream, the accounts, one nkey user per role in its account
+/// with least-privilege permissions, and the auth callout for every other connection. `users`
+/// pairs each role with its public nkey (`U…`).
+pub fn render_server_config(settings: &ServerSettings, users: &[(Role, String)], callout: &CalloutKeys) -> String {
     let mut out = String::new();
     let q = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
     let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
-    let _ = writeln!(out, "# Generated by `toka nats-config`: one nkey user per Toka role, least privilege.");
+    let _ = writeln!(
+        out,
+        "# Generated by `toka nats-config`: the accounts, one nkey user per Toka role with least\n\
+         # privilege, and auth's callout for every client (they connect with a Toka token)."
+    );
     let _ = writeln!(out, "listen: {}", q(&settings.listen));
     if let Some(monitor) = &settings.monitor {
         let _ = writeln!(out, "http: {}", q(monitor));
     }
     let _ = writeln!(out, "max_payload: {}", settings.max_payload);
     let _ = writeln!(out, "jetstream {{\n  store_dir: {}\n}}", q(&settings.store_dir));
-    let _ = writeln!(out, "authorization {{\n  users = [");
-    for (role, public_key) in users {
-        let p = permissions(*role);
-        let _ = writeln!(out, "    # {}", role.name());
-        let _ = writeln!(out, "    {{");
-        let _ = writeln!(out, "      nkey: {}", q(public_key));
-        let _ = writeln!(out, "      permissions: {{");
-        let _ = writeln!(out, "        publish: {{ allow: [{}] }}", list(&p.publish));
-        let _ = writeln!(out, "        subscribe: {{ allow: [{}] }}", list(&p.subscribe));
-        let _ = writeln!(out, "      }}");
-        let _ = writeln!(out, "    }}");
+    let _ = writeln!(out, "accounts {{");
+    for account in Account::ALL {
+        let _ = writeln!(out, "  {} {{", account.name());
+        if account == Account::Toka {
+            let _ = writeln!(out, "    jetstream: enabled");
+        }
+        let _ = writeln!(out, "    users = [");
+        for (role, public_key) in users.iter().filter(|(r, _)| r.account() == account) {
+            let p = permissions(*role);
+            let _ = writeln!(out, "      # {}", role.name());
+            let _ = writeln!(out, "      {{");
+            let _ = writeln!(out, "        nkey: {}", q(public_key));
+            let _ = writeln!(out, "        permissions: {{");
+            let _ = writeln!(out, "          publish: {{ allow: [{}] }}", list(&p.publish));
+            let _ = writeln!(out, "          subscribe: {{ allow: [{}] }}", list(&p.subscribe));
+            let _ = writeln!(out, "        }}");
+            let _ = writeln!(out, "      }}");
+        }
+        let _ = writeln!(out, "    ]\n  }}");
     }
-    let _ = writeln!(out, "  ]\n}}");
+    let _ = writeln!(out, "}}");
+    let _ = writeln!(out, "system_account: {}", Account::Sys.name());
+    let keys: Vec<String> = users.iter().map(|(_, k)| k.clone()).collect();
+    let _ = writeln!(out, "authorization {{\n  auth_callout {{");
+    let _ = writeln!(out, "    issuer: {}", q(&callout.issuer));
+    let _ = writeln!(out, "    account: {}", Account::Auth.name());
+    let _ = writeln!(out, "    xkey: {}", q(&callout.xkey));
+    let _ = writeln!(out, "    # Users with keys of their own are not asked about.");
+    let _ = writeln!(out, "    auth_users: [{}]", list(&keys));
+    let _ = writeln!(out, "  }}\n}}");
     out
 }
 
@@ -306,14 +449,59 @@ mod tests {
         }
     }
 
+    fn token_may(caps: &[Capability], publish: &str) -> bool {
+        token_permissions("JTI", caps).publish.iter().any(|p| matches(p, publish))
+    }
+
+    fn token_reads(caps: &[Capability], subject: &str) -> bool {
+        token_permissions("JTI", caps).subscribe.iter().any(|p| matches(p, subject))
+    }
+
     #[test]
-    fn clients_reach_public_endpoints_only() {
-        assert!(may_publish(Role::Client, subject::KERNEL_SUBMIT.subject));
-        assert!(may_publish(Role::Client, subject::AUTH_ISSUE.subject));
-        assert!(!may_publish(Role::Client, subject::AUTH_HEARTBEAT), "a client could forge the revocation heartbeat");
-        assert!(!may_publish(Role::Client, subject::STORAGE_READ.subject));
-        assert!(!may_publish(Role::Client, "$JS.API.STREAM.DELETE.TOKA_EVENTS"));
-        assert!(!may_publish(Role::Storage, subject::AUTH_HEARTBEAT));
+    fn a_token_reaches_public_endpoints_and_its_own_inbox_only() {
+        let worker = [Capability::new(Pattern::AnyQueue, &[Action::Claim])];
+        for endpoint in
+            [subject::KERNEL_SUBMIT, subject::KERNEL_TASK_LIST, subject::KERNEL_STATUS, subject::AUTH_DELEGATE]
+        {
+            assert!(token_may(&worker, endpoint.subject), "{}", endpoint.subject);
+        }
+        assert!(token_may(&worker, "toka.storage.v1.health") && token_may(&worker, "$SRV.PING.toka-kernel"));
+        for refused in [
+            subject::AUTH_ISSUE.subject,
+            subject::AUTH_ROTATE.subject,
+            subject::AUTH_HEARTBEAT,
+            subject::STORAGE_READ.subject,
+            subject::append(LogName::Kernel).subject,
+            "$JS.API.STREAM.DELETE.TOKA_EVENTS",
+            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.x.toka.evt.kernel.>",
+            "$KV.toka_kernel.sequencer",
+            "_INBOX.OTHER.1",
+        ] {
+            assert!(!token_may(&worker, refused), "a worker token may publish {refused}");
+        }
+        assert!(token_reads(&worker, "_INBOX.JTI.abc.1"));
+        for refused in ["_INBOX.OTHER.1", "_INBOX.kernel.1", "toka.evt.kernel.agent.spawned.x", "toka.evt.audit.x"] {
+            assert!(!token_reads(&worker, refused), "a worker token reads {refused}");
+        }
+        let admin = [Capability::new(Pattern::Tokens, &[Action::Issue, Action::Rotate])];
+        assert!(token_may(&admin, subject::AUTH_ISSUE.subject) && token_may(&admin, subject::AUTH_ROTATE.subject));
+    }
+
+    #[test]
+    fn reading_every_agent_reads_kernel_events_and_never_audit() {
+        let reader = [Capability::new(Pattern::AnyAgent, &[Action::Read])];
+        assert!(token_reads(&reader, "toka.evt.kernel.agent.spawned.x"));
+        assert!(token_may(&reader, "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.kernel.agent.*.x"));
+        assert!(token_may(&reader, "$JS.API.CONSUMER.MSG.NEXT.TOKA_EVENTS.c1"));
+        for refused in [
+            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.audit.>",
+            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.>",
+            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS",
+            "$JS.API.CONSUMER.CREATE.KV_toka_kernel.c1.>",
+        ] {
+            assert!(!token_may(&reader, refused), "{refused}");
+        }
+        assert!(!token_reads(&reader, "toka.evt.audit.auth.token.issued.x"));
     }
 
     #[test]
@@ -326,10 +514,19 @@ mod tests {
             store_dir: "/data/js".into(),
             max_payload: 1_048_576,
         };
-        let text = render_server_config(&settings, &users);
+        let callout = CalloutKeys { issuer: "AISSUER".into(), xkey: "XKEY".into() };
+        let text = render_server_config(&settings, &users, &callout);
         for (_, key) in &users {
             assert!(text.contains(&format!("nkey: \"{key}\"")));
         }
+        let accounts = text.find("accounts {").unwrap();
+        let (toka, auth, sys) =
+            (text.find("  TOKA {").unwrap(), text.find("  AUTH {").unwrap(), text.find("  SYS {").unwrap());
+        assert!(accounts < auth && auth < text.find("UAUTH-CALLOUT").unwrap(), "the callout user is in AUTH");
+        assert!(text.find("UAUTH-CALLOUT").unwrap() < toka && toka < text.find("UKERNEL").unwrap());
+        assert!(sys < text.find("UAUTH-SYSTEM").unwrap());
+        assert!(text.contains("issuer: \"AISSUER\"") && text.contains("xkey: \"XKEY\""));
+        assert!(text.contains("system_account: SYS"));
         assert!(text.contains("\"$SRV.>\""));
         assert!(text.contains("store_dir: \"/data/js\""));
         assert!(matches("toka.evt.>", "toka.evt.kernel.task.failed.x"));
@@ -348,8 +545,9 @@ mod tests {
                 "storage-state",
                 "auth",
                 "auth-state",
+                "auth-callout",
+                "auth-system",
                 "telemetry",
-                "client",
                 "operator"
             ]
         );
@@ -365,11 +563,13 @@ mod tests {
 
     #[test]
     fn discovery_and_the_events_stream_are_open_to_observers_only() {
-        for role in [Role::Telemetry, Role::Client, Role::Operator] {
+        for role in [Role::Telemetry, Role::Operator] {
             for subject in ["$SRV.PING", "$SRV.INFO.toka-kernel", "$SRV.STATS.toka-auth.abc"] {
                 assert!(may_publish(role, subject), "{role:?} may ask {subject}");
             }
-            assert!(may_publish(role, "$JS.API.CONSUMER.CREATE.TOKA_EVENTS"), "{role:?} may consume events");
+            let create = "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c.toka.evt.>";
+            assert!(may_publish(role, create), "{role:?} may consume events");
+            assert!(!may_publish(role, "$JS.API.CONSUMER.CREATE.KV_toka_kernel.c.>"), "{role:?} may read a bucket");
             assert!(may_publish(role, "$JS.API.STREAM.INFO.TOKA_EVENTS"), "{role:?} may find the stream");
             assert!(may_publish(role, "$JS.ACK.TOKA_EVENTS.c.1.1.1.1.1"), "{role:?} may acknowledge");
             assert!(!may_publish(role, "$JS.API.STREAM.INFO.OTHER"), "{role:?} sees no other stream");
@@ -403,7 +603,7 @@ mod tests {
             "toka.auth.v1.heartbeat",
         ];
         for role in [Role::Kernel, Role::Storage, Role::Auth, Role::Telemetry] {
-            assert!(may_publish(role, "_INBOX.client.abc.1"), "{role:?} answers");
+            assert!(may_publish(role, "_INBOX.01JTI.abc.1"), "{role:?} answers");
             for subject in attacks {
                 assert!(!may_publish(role, subject), "{role:?} could be made to publish on {subject}");
             }
@@ -416,7 +616,7 @@ mod tests {
         assert!(may_publish(Role::StorageState, "$JS.API.STREAM.INFO.TOKA_EVENTS"));
         assert!(!may_publish(Role::StorageState, "$JS.API.STREAM.INFO.KV_toka_kernel"));
         for state in [Role::KernelState, Role::AuthState, Role::StorageState] {
-            assert!(!may_publish(state, "_INBOX.client.abc.1"), "{state:?} answers nobody");
+            assert!(!may_publish(state, "_INBOX.01JTI.abc.1"), "{state:?} answers nobody");
             assert!(!may_subscribe(state, "toka.kernel.v1.submit"), "{state:?} serves nothing");
         }
     }

@@ -97,8 +97,14 @@ pub struct Bus {
     request_timeout: Duration,
 }
 
-/// Reads an nkey seed, refusing a file that others may read.
+/// Reads a user nkey seed, refusing a file that others may read.
 fn read_seed(path: &Path) -> Result<String, Error> {
+    read_seed_of(path, "SU", "a user nkey seed")
+}
+
+/// Reads an nkey seed starting `prefix` (`SU` user, `SA` account, `SX` curve), refusing a file
+/// that others may read.
+pub fn read_seed_of(path: &Path, prefix: &str, what: &str) -> Result<String, Error> {
     use std::os::unix::fs::PermissionsExt as _;
     let fail = |reason: String| Error::Seed { path: path.display().to_string(), reason };
     let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
@@ -110,17 +116,47 @@ fn read_seed(path: &Path) -> Result<String, Error> {
     }
     let seed = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
     let seed = seed.trim().to_owned();
-    if !seed.starts_with("SU") {
-        return Err(fail("not a user nkey seed (expected SU…)".into()));
+    if !seed.starts_with(prefix) {
+        return Err(fail(format!("not {what} (expected {prefix}…)")));
     }
     Ok(seed)
+}
+
+/// How a connection proves who it is.
+#[derive(Clone)]
+enum Credential {
+    /// A user nkey seed.
+    Seed(String),
+    /// A Toka token, which auth's callout turns into a user of the `TOKA` account.
+    Token(String),
+    /// Nothing: a secured server refuses it.
+    Anonymous,
 }
 
 impl Bus {
     /// Connects as `name` with replies coming to `inbox` (the user's inbox prefix,
     /// `toka_contract::access::Role::inbox`), retrying until the connect timeout.
     pub async fn connect(config: &NatsConfig, name: &str, inbox: &str) -> Result<Bus, Error> {
-        Self::connect_with_seed(config, config.nkey_seed_file.as_deref(), name, inbox).await
+        let credential = match config.nkey_seed_file.as_deref() {
+            Some(path) => Credential::Seed(read_seed(path)?),
+            None => Credential::Anonymous,
+        };
+        Self::connect_as(config, credential, name, inbox).await
+    }
+
+    /// Connects as `name` with a Toka token, the way clients do: auth's callout checks the token
+    /// and admits the connection with the token's permissions
+    /// (`toka_contract::access::token_permissions`), replies coming to the token's own inbox.
+    /// `nats.nkey_seed_file` is not used. The server closes the connection when the token
+    /// expires or is revoked; connect again with a fresh one.
+    pub async fn connect_with_token(config: &NatsConfig, name: &str, token: &str) -> Result<Bus, Error> {
+        let jti = crate::token::unverified_jti(token).ok_or_else(|| Error::Connect {
+            url: config.url.clone(),
+            timeout_ms: 0,
+            reason: "the token is not a Toka token (no jti)".into(),
+        })?;
+        let inbox = toka_contract::access::token_inbox(&jti);
+        Self::connect_as(config, Credential::Token(token.to_owned()), name, &inbox).await
     }
 
     /// Connects as the service's second user (`nats.state_nkey_seed_file`), for the work that
@@ -130,22 +166,23 @@ impl Bus {
             path: "nats.state_nkey_seed_file".into(),
             reason: "not set: the service needs its state user (`toka nats-config` writes <role>-state.nk)".into(),
         })?;
-        Self::connect_with_seed(config, Some(seed), name, inbox).await
+        Self::connect_as(config, Credential::Seed(read_seed(seed)?), name, inbox).await
     }
 
-    async fn connect_with_seed(
-        config: &NatsConfig,
-        seed: Option<&Path>,
-        name: &str,
-        inbox: &str,
-    ) -> Result<Bus, Error> {
-        let seed = seed.map(read_seed).transpose()?;
+    /// Connects as the user whose seed is at `seed` (a service's further users: auth's callout
+    /// and system users).
+    pub async fn connect_user(config: &NatsConfig, seed: &Path, name: &str, inbox: &str) -> Result<Bus, Error> {
+        Self::connect_as(config, Credential::Seed(read_seed(seed)?), name, inbox).await
+    }
+
+    async fn connect_as(config: &NatsConfig, credential: Credential, name: &str, inbox: &str) -> Result<Bus, Error> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(config.connect_timeout_ms);
         let mut wait = Duration::from_millis(50);
         loop {
-            let options = match &seed {
-                Some(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
-                None => async_nats::ConnectOptions::new(),
+            let options = match &credential {
+                Credential::Seed(seed) => async_nats::ConnectOptions::with_nkey(seed.clone()),
+                Credential::Token(token) => async_nats::ConnectOptions::with_token(token.clone()),
+                Credential::Anonymous => async_nats::ConnectOptions::new(),
             }
             .name(name)
             .custom_inbox_prefix(inbox)

@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use toka_contract::access::{self, Role, ServerSettings};
+use toka_contract::access::{self, CalloutKeys, Role, ServerSettings};
 
 /// Why credentials could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,8 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// An existing seed file is not a valid user seed.
-    #[error("{0}: not a valid nkey user seed; remove it to generate a new one")]
+    /// An existing seed file is not a valid seed of its kind.
+    #[error("{0}: not a valid nkey seed; remove it to generate a new one")]
     BadSeed(String),
 }
 
@@ -41,6 +41,60 @@ pub struct Generated {
     pub public_keys: BTreeMap<Role, String>,
     /// The auth admin key (the credential that issues the first tokens).
     pub admin_key: PathBuf,
+    /// The account seed auth's callout signs the users it mints with (`SA…`).
+    pub callout_issuer: PathBuf,
+    /// The curve seed authorization requests are encrypted to (`SX…`).
+    pub callout_xkey: PathBuf,
+    /// Their public keys, as the server configuration names them.
+    pub callout: CalloutKeys,
+}
+
+/// The kinds of key a deployment holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    User,
+    Account,
+    Curve,
+}
+
+/// A new seed of `kind`, as (seed, public key).
+fn new_key(kind: Kind) -> Result<(String, String), Error> {
+    let bad = |e: nkeys::error::Error| Error::BadSeed(e.to_string());
+    match kind {
+        Kind::User => new_user_key(),
+        Kind::Account => {
+            let pair = nkeys::KeyPair::new_account();
+            Ok((pair.seed().map_err(bad)?, pair.public_key()))
+        }
+        Kind::Curve => {
+            let pair = nkeys::XKey::new();
+            Ok((pair.seed().map_err(bad)?, pair.public_key()))
+        }
+    }
+}
+
+/// The public key of the seed at `path` if it is of `kind`, or a new seed written there.
+fn keep_or_create(path: &Path, kind: Kind) -> Result<String, Error> {
+    if !path.exists() {
+        let (seed, public) = new_key(kind)?;
+        write_secret(path, &format!("{seed}\n"))?;
+        return Ok(public);
+    }
+    let seed = std::fs::read_to_string(path).map_err(io(path))?;
+    let bad = |_| Error::BadSeed(path.display().to_string());
+    let public = match kind {
+        Kind::Curve => nkeys::XKey::from_seed(seed.trim()).map(|k| k.public_key()).map_err(bad)?,
+        _ => public_key(&seed).map_err(|_| Error::BadSeed(path.display().to_string()))?,
+    };
+    let prefix = match kind {
+        Kind::User => 'U',
+        Kind::Account => 'A',
+        Kind::Curve => 'X',
+    };
+    if !public.starts_with(prefix) {
+        return Err(Error::BadSeed(path.display().to_string()));
+    }
+    Ok(public)
 }
 
 /// A new user key pair, as (seed, public key).
@@ -71,8 +125,8 @@ pub fn new_admin_key() -> Result<String, Error> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random))
 }
 
-/// Creates (or reuses) a seed per role and the auth admin key (`admin.key`) under
-/// `dir/creds/`, and writes `dir/nats.conf`.
+/// Creates (or reuses) a seed per role, auth's callout keys (`auth-issuer.nk`, `auth-xkey.nk`)
+/// and the auth admin key (`admin.key`) under `dir/creds/`, and writes `dir/nats.conf`.
 pub fn generate(dir: &Path, settings: &ServerSettings) -> Result<Generated, Error> {
     let creds = dir.join("creds");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&creds).map_err(io(&creds))?;
@@ -81,25 +135,24 @@ pub fn generate(dir: &Path, settings: &ServerSettings) -> Result<Generated, Erro
     let mut public_keys = BTreeMap::new();
     for role in Role::ALL {
         let path = creds.join(format!("{}.nk", role.name()));
-        let public = if path.exists() {
-            let seed = std::fs::read_to_string(&path).map_err(io(&path))?;
-            public_key(&seed).map_err(|_| Error::BadSeed(path.display().to_string()))?
-        } else {
-            let (seed, public) = new_user_key()?;
-            write_secret(&path, &format!("{seed}\n"))?;
-            public
-        };
+        public_keys.insert(role, keep_or_create(&path, Kind::User)?);
         seeds.insert(role, path);
-        public_keys.insert(role, public);
     }
+    let callout_issuer = creds.join("auth-issuer.nk");
+    let callout_xkey = creds.join("auth-xkey.nk");
+    let callout = CalloutKeys {
+        issuer: keep_or_create(&callout_issuer, Kind::Account)?,
+        xkey: keep_or_create(&callout_xkey, Kind::Curve)?,
+    };
     let admin_key = creds.join("admin.key");
     if !admin_key.exists() {
         write_secret(&admin_key, &format!("{}\n", new_admin_key()?))?;
     }
     let users: Vec<(Role, String)> = public_keys.iter().map(|(r, k)| (*r, k.clone())).collect();
     let server_config = dir.join("nats.conf");
-    std::fs::write(&server_config, access::render_server_config(settings, &users)).map_err(io(&server_config))?;
-    Ok(Generated { server_config, seeds, public_keys, admin_key })
+    let text = access::render_server_config(settings, &users, &callout);
+    std::fs::write(&server_config, text).map_err(io(&server_config))?;
+    Ok(Generated { server_config, seeds, public_keys, admin_key, callout_issuer, callout_xkey, callout })
 }
 
 #[cfg(test)]
@@ -122,8 +175,13 @@ mod tests {
         }
         let keys: std::collections::BTreeSet<_> = first.public_keys.values().collect();
         assert_eq!(keys.len(), Role::ALL.len(), "every role has its own key");
+        assert!(first.callout.issuer.starts_with('A') && first.callout.xkey.starts_with('X'));
+        for path in [&first.callout_issuer, &first.callout_xkey] {
+            assert_eq!(std::fs::metadata(path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
         let again = generate(&dir, &settings).unwrap();
         assert_eq!(again.public_keys, first.public_keys, "a second run keeps the deployment's keys");
+        assert_eq!(again.callout, first.callout, "and the callout's");
         let conf = std::fs::read_to_string(&first.server_config).unwrap();
         assert!(first.public_keys.values().all(|k| conf.contains(k.as_str())));
         assert!(write_secret(&first.seeds[&Role::Kernel], "x").is_err(), "never overwrites a seed");

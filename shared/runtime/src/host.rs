@@ -249,6 +249,13 @@ impl Host {
         self.admin_addr
     }
 
+    /// Adds one of the service's own metrics to `/metrics` (as `toka_<name>`).
+    pub fn register_metric(&self, name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+        if let Ok(mut registry) = self.shared.metrics.registry.lock() {
+            registry.register(name, help, metric);
+        }
+    }
+
     /// Marks the service ready (or not) for `/readyz` and the health endpoint.
     pub fn set_ready(&self, ready: bool) {
         self.shared.ready.store(ready, Ordering::Relaxed);

@@ -68,6 +68,17 @@ impl From<&Error> for WireError {
     }
 }
 
+/// The `jti` of a token, read without checking anything: the inbox a client names after its
+/// token. Whoever admits the token verifies it.
+pub fn unverified_jti(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let jti = claims.get("jti")?.as_str()?;
+    let valid = !jti.is_empty() && jti.bytes().all(|b| b.is_ascii_alphanumeric());
+    valid.then(|| jti.to_owned())
+}
+
 /// Checks tokens against a key set, the revocations it has heard of, and one-time use.
 pub struct Verifier {
     keys: BTreeMap<String, DecodingKey>,
@@ -144,8 +155,22 @@ impl Verifier {
         self.cache.lock().map_or(0, |c| c.len())
     }
 
-    /// The claims of `token` if it is valid at `now_s` (seconds since the epoch).
+    /// The claims of `token` if it is valid at `now_s` (seconds since the epoch); a one-time
+    /// token is used up.
     pub fn verify(&self, token: &str, now_s: u64) -> Result<Claims, Error> {
+        let claims = self.check(token, now_s)?;
+        if claims.once {
+            let mut used = self.used_once.lock().map_err(|_| Error::Replayed(claims.jti))?;
+            if !used.insert(claims.jti) {
+                return Err(Error::Replayed(claims.jti));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// As [`Verifier::verify`], but a one-time token is not used up: for admitting a connection
+    /// that will present the token again with each request.
+    pub fn check(&self, token: &str, now_s: u64) -> Result<Claims, Error> {
         let digest = *blake3::hash(token.as_bytes()).as_bytes();
         let cached = self.cache.lock().ok().and_then(|c| c.get(&digest).cloned());
         let claims = match cached {
@@ -162,12 +187,6 @@ impl Verifier {
             }
         };
         self.check_claims(&claims, now_s)?;
-        if claims.once {
-            let mut used = self.used_once.lock().map_err(|_| Error::Replayed(claims.jti))?;
-            if !used.insert(claims.jti) {
-                return Err(Error::Replayed(claims.jti));
-            }
-        }
         Ok(claims)
     }
 

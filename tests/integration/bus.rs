@@ -363,3 +363,126 @@ async fn revoking_a_token_or_its_ancestor_closes_its_open_connections() {
     let line = r#"toka_auth_callout_refusals_total{reason="revoked"}"#;
     assert!(counter(stack.auth.admin, line).await > 0, "their reconnects were refused as revoked");
 }
+
+/// Tries each `[name, subject, body]` request of its fourth argument (JSON) and each
+/// subscription of its fifth, as a client with a token; prints, for each, what answered (the
+/// subject of a stream message, or the reply's start) or the server's errors that named it.
+const JETSTREAM_PROBE: &str = r#"
+import asyncio, json, sys, nats
+
+async def main(url, token, jti, requests, subscriptions):
+    errors = []
+    async def on_error(e):
+        errors.append(str(e))
+    nc = await nats.connect(url, token=token, inbox_prefix=("_INBOX." + jti).encode(), error_cb=on_error)
+    report = {}
+    for name, subject, body in json.loads(requests):
+        payload = b"" if body is None else json.dumps(body).encode()
+        try:
+            msg = await nc.request(subject, payload, timeout=0.7)
+            headers = msg.headers or {}
+            report[name] = {"answered": headers.get("Nats-Subject") or msg.data.decode()[:200]}
+        except Exception:
+            await asyncio.sleep(0.1)
+            report[name] = {"errors": [e for e in errors if subject.lower() in e.lower()]}
+    for subject in json.loads(subscriptions):
+        await nc.subscribe(subject)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+        report["sub " + subject] = {"errors": [e for e in errors if subject.lower() in e.lower()]}
+    await nc.close()
+    print(json.dumps(report))
+
+asyncio.run(main(*sys.argv[1:]))
+"#;
+
+/// Runs [`JETSTREAM_PROBE`] with `token`; the report.
+async fn probe_jetstream(
+    python: &std::path::Path,
+    stack: &Stack,
+    token: &str,
+    requests: &serde_json::Value,
+    subscriptions: &[&str],
+) -> serde_json::Value {
+    let jti = toka_runtime::token::unverified_jti(token).unwrap();
+    let output = tokio::process::Command::new(python)
+        .args(["-c", JETSTREAM_PROBE, &stack.nats.url, token, &jti, &requests.to_string()])
+        .arg(serde_json::to_string(subscriptions).unwrap())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await.unwrap().unwrap();
+    assert!(output.status.success(), "the probe failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Whether the report says the server refused `name` as a permissions violation.
+fn refused(report: &serde_json::Value, name: &str) -> bool {
+    report[name]["errors"].as_array().is_some_and(|errors| {
+        errors.iter().any(|e| e.as_str().unwrap_or("").to_lowercase().contains("permissions violation"))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_token_reads_kernel_events_by_direct_get_and_touches_no_other_jetstream_api() {
+    let Some(python) = python("nats, nkeys") else { return };
+    let Some(stack) = Stack::start("bus-jetstream").await else { return };
+    let (_kernel, _) = start_kernel(&stack.nats, "k1").await;
+    let client = Client::new(stack.client.clone(), stack.operator().await);
+    let spec = AgentSpec { name: "watched".parse().unwrap(), parent: None, limits: Default::default() };
+    let spawned = client.submit(Operation::SpawnAgent(spec)).await.unwrap();
+    let Event::AgentSpawned { agent, .. } = spawned.events[0] else { panic!() };
+    settled_stream_messages(&stack).await;
+    let spawned_subject = format!("toka.evt.kernel.agent.spawned.{agent}");
+    let reader = stack.token("reader", vec![Capability::new(Pattern::AnyAgent, &[Action::Read])]).await;
+    // The account's streams, as the kernel's lease user (which may ask) counts them.
+    let lease_user = async_nats::jetstream::new(stack.nats.connect(Role::KernelState).await.client().clone());
+    let streams = lease_user.query_account().await.unwrap().streams;
+    let consumer = |name: &str, extra: serde_json::Value| {
+        let mut config = serde_json::json!({"name": name, "ack_policy": "none", "filter_subject": "toka.evt.kernel.>"});
+        config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::json!({"stream_name": subject::EVENTS_STREAM, "config": config})
+    };
+    let requests = serde_json::json!([
+        ["next event", "$JS.API.DIRECT.GET.TOKA_EVENTS", {"seq": 1, "next_by_subj": "toka.evt.kernel.>"}],
+        ["last about the agent", format!("$JS.API.DIRECT.GET.TOKA_EVENTS.{spawned_subject}"), null],
+        ["audit by direct get", "$JS.API.DIRECT.GET.TOKA_AUDIT", {"seq": 1}],
+        ["stream info", "$JS.API.STREAM.INFO.TOKA_EVENTS", null],
+        ["stream message", "$JS.API.STREAM.MSG.GET.TOKA_EVENTS", {"seq": 1}],
+        ["stream purge", "$JS.API.STREAM.PURGE.TOKA_EVENTS", null],
+        ["ephemeral consumer", "$JS.API.CONSUMER.CREATE.TOKA_EVENTS", consumer("", serde_json::json!({}))],
+        ["named consumer", "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.spy.toka.evt.kernel.>", consumer("spy", serde_json::json!({}))],
+        ["push consumer", "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.push.toka.evt.kernel.>",
+            consumer("push", serde_json::json!({"deliver_subject": "toka.kernel.v1.submit"}))],
+        ["durable consumer", "$JS.API.CONSUMER.DURABLE.CREATE.TOKA_EVENTS.spy", consumer("spy", serde_json::json!({"durable_name": "spy"}))],
+        ["consumer list", "$JS.API.CONSUMER.LIST.TOKA_EVENTS", null],
+        ["consumer delete", "$JS.API.CONSUMER.DELETE.TOKA_EVENTS.spy", null],
+        ["bucket read", "$JS.API.DIRECT.GET.KV_toka_kernel.$KV.toka_kernel.sequencer", null],
+        ["bucket info", "$JS.API.STREAM.INFO.KV_toka_kernel", null],
+        ["bucket create", "$JS.API.STREAM.CREATE.KV_spy", {"name": "KV_spy", "subjects": ["$KV.spy.>"]}],
+        ["bucket write", "$KV.toka_kernel.sequencer", {}],
+        ["account info", "$JS.API.INFO", null]
+    ]);
+    let report = probe_jetstream(&python, &stack, &reader, &requests, &["toka.evt.audit.>", "toka.live.audit.>"]).await;
+    // The positive controls: the stream's history, read as a reader reads it.
+    assert_eq!(report["next event"]["answered"], spawned_subject.as_str(), "{report}");
+    assert_eq!(report["last about the agent"]["answered"], spawned_subject.as_str(), "{report}");
+    for name in requests.as_array().unwrap().iter().skip(2).map(|r| r[0].as_str().unwrap()) {
+        assert!(refused(&report, name), "a reader's {name} was not refused: {report}");
+    }
+    for name in ["sub toka.evt.audit.>", "sub toka.live.audit.>"] {
+        assert!(refused(&report, name), "a reader's {name} was not refused: {report}");
+    }
+    // A token without `read` on every agent does not even read the kernel's stream.
+    let worker = stack.token("worker", vec![Capability::new(Pattern::AnyQueue, &[Action::Claim])]).await;
+    let requests = serde_json::json!([["next event", "$JS.API.DIRECT.GET.TOKA_EVENTS", {"seq": 1}]]);
+    let report =
+        probe_jetstream(&python, &stack, &worker, &requests, &["toka.evt.kernel.>", "toka.live.kernel.>"]).await;
+    for name in ["next event", "sub toka.evt.kernel.>", "sub toka.live.kernel.>"] {
+        assert!(refused(&report, name), "a worker's {name} was not refused: {report}");
+    }
+    // Nothing was made: no consumer on the stream, no bucket, the lease where it was.
+    let js = async_nats::jetstream::new(stack.nats.connect(Role::Operator).await.client().clone());
+    let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, 0, "no consumer on the stream");
+    assert_eq!(lease_user.query_account().await.unwrap().streams, streams, "no bucket");
+    assert_eq!(client.status().await.unwrap().lease_holder.as_deref(), Some("k1"));
+}

@@ -25,9 +25,11 @@ fn architecture_lists_every_subject() {
     assert!(doc.contains(&format!("| `{forwarded}` |")));
     assert!(doc.contains(&format!("`{}`", subject::AUTH_EVENTS)));
     assert!(doc.contains(&format!("| `{}.<log>.<category>.<name>.<entity>` |", subject::EVENTS_ROOT)));
-    assert!(doc.contains(subject::EVENTS_STREAM));
+    assert!(doc.contains(&format!("| `{}.<log>.<category>.<name>.<entity>` |", subject::LIVE_ROOT)));
+    assert!(doc.contains(subject::EVENTS_STREAM) && doc.contains(subject::AUDIT_STREAM));
     // And no subject row that the code does not know.
-    let rows = doc.lines().filter(|l| l.starts_with("| `toka.") && !l.starts_with("| `toka.evt."));
+    let events = |l: &str| l.starts_with("| `toka.evt.") || l.starts_with("| `toka.live.");
+    let rows = doc.lines().filter(|l| l.starts_with("| `toka.") && !events(l));
     for row in rows {
         let s = row.split('`').nth(1).unwrap();
         assert!(

@@ -57,8 +57,8 @@ pub(crate) async fn start_kernel_with(
 
 pub(crate) struct Stack {
     pub(crate) nats: Nats,
-    dir: TempDir,
-    storage: Option<Running>,
+    pub(crate) dir: TempDir,
+    pub(crate) storage: Option<Running>,
     pub(crate) auth: Running,
     admin_key: String,
     /// The operator's connection, which issues tokens with the admin key.

@@ -27,7 +27,7 @@ async fn published(bus: &Bus) -> u64 {
 }
 
 /// Each message's `Nats-Msg-Id` in the events stream, in stream order, read as an operator
-/// reads it (through a consumer).
+/// reads it (by direct gets).
 async fn stream_ids(nats: &Nats) -> Vec<String> {
     stream_headers(nats).await.iter().map(|h| header(h, "Nats-Msg-Id").unwrap_or_default()).collect()
 }
@@ -36,23 +36,15 @@ fn header(headers: &async_nats::HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|v| v.to_string())
 }
 
-/// Each message's headers in the events stream, in stream order.
+/// Each message's headers in the events stream, in stream order, read by direct gets as an
+/// operator.
 async fn stream_headers(nats: &Nats) -> Vec<async_nats::HeaderMap> {
-    use futures::StreamExt as _;
     let js = async_nats::jetstream::new(nats.connect(Role::Operator).await.client().clone());
     let mut stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
-    let count = stream.info().await.unwrap().state.messages as usize;
-    // Named and filtered, as the operator's permissions require.
-    let config = async_nats::jetstream::consumer::pull::OrderedConfig {
-        name: Some(format!("headers-{}", toka_runtime::now_us())),
-        filter_subject: subject::ALL_EVENTS.into(),
-        ..Default::default()
-    };
-    let consumer = stream.create_consumer(config).await.unwrap();
-    let mut messages = consumer.messages().await.unwrap().take(count);
+    let state = stream.info().await.unwrap().state.clone();
     let mut headers = Vec::new();
-    while let Some(message) = messages.next().await {
-        headers.push(message.unwrap().headers.clone().unwrap_or_default());
+    for seq in state.first_sequence..=state.last_sequence {
+        headers.push(stream.direct_get(seq).await.unwrap().headers);
     }
     headers
 }
@@ -265,7 +257,7 @@ async fn events_whose_publish_failed_are_published_from_the_wal_later() {
 
     // Once the stream is back, the missed commit is read from the WAL and published, with the
     // one after it.
-    toka_storage::publish::ensure_stream(&js).await.unwrap();
+    toka_storage::publish::ensure_streams(&js).await.unwrap();
     let third = records_after((5, second[2].hash), 1, Sample::Spawn);
     let _: AppendReply = kernel.request(append, &append_request(&third)).await.unwrap();
     crate::assert_eventually!(Duration::from_secs(10), published(&status_bus).await == 6, "published through seq 6");
@@ -403,4 +395,63 @@ async fn compaction_removes_what_a_snapshot_covers_when_enabled() {
         .unwrap();
     assert_eq!((verified.verified, verified.first_break), (3, None), "the kept records still chain");
     storage.stop().await.unwrap();
+}
+
+/// How many messages the stream `name` holds, as `js` sees it.
+async fn stream_size(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_log_has_its_own_stream_and_a_stream_of_every_log_is_split_on_start() {
+    use async_nats::jetstream::{message::PublishMessage, stream::Config};
+    let Some(mut stack) = crate::kernel::Stack::start("streams").await else { return };
+    let audit_events = |log: Vec<toka_contract::AuditRecord>| log.iter().map(|r| r.events.len() as u64).sum::<u64>();
+    let js = async_nats::jetstream::new(stack.nats.connect(Role::Operator).await.client().clone());
+    // The stack's tokens are audit events: in the audit stream, none in the kernel's.
+    let issued = audit_events(stack.audit_log().await);
+    assert!(issued > 0);
+    crate::assert_eventually!(
+        Duration::from_secs(10),
+        stream_size(&js, subject::AUDIT_STREAM).await == issued,
+        "the audit log's events in {}",
+        subject::AUDIT_STREAM
+    );
+    assert_eq!(stream_size(&js, subject::EVENTS_STREAM).await, 0, "no audit event among the kernel's");
+
+    // The streams as they were when one held every log's events, an audit event among them.
+    stack.storage.take().unwrap().stop().await.unwrap();
+    let state = async_nats::jetstream::new(stack.nats.connect(Role::StorageState).await.client().clone());
+    state.delete_stream(subject::AUDIT_STREAM).await.unwrap();
+    state.delete_stream(subject::EVENTS_STREAM).await.unwrap();
+    let every_log =
+        Config { name: subject::EVENTS_STREAM.into(), subjects: vec![subject::ALL_EVENTS.into()], ..Config::default() };
+    state.create_stream(every_log).await.unwrap();
+    for (subject, id) in
+        [("toka.evt.audit.auth.token.issued.x", "audit:old"), ("toka.evt.kernel.agent.spawned.x", "kernel:old")]
+    {
+        let message = PublishMessage::build().payload("{}".into()).message_id(id);
+        state.send_publish(subject, message).await.unwrap().await.unwrap();
+    }
+
+    // Storage splits it: the kernel's stream keeps its own events only and is read by direct
+    // gets; the audit stream, new, gets the audit log again from the WAL.
+    stack.storage = Some(start_storage(&stack.nats, &stack.dir.path().join("storage")).await);
+    let mut kernel_stream = js.get_stream(subject::EVENTS_STREAM).await.unwrap();
+    let info = kernel_stream.info().await.unwrap().clone();
+    assert_eq!(info.config.subjects, [subject::events_of(LogName::Kernel)]);
+    assert!(info.config.allow_direct, "read by direct gets");
+    assert_eq!(info.state.messages, 1, "the audit event purged, the kernel event kept");
+    let kept = kernel_stream.direct_get(info.state.last_sequence).await.unwrap();
+    assert_eq!(header(&kept.headers, "Nats-Msg-Id").as_deref(), Some("kernel:old"));
+    let issued = audit_events(stack.audit_log().await);
+    crate::assert_eventually!(
+        Duration::from_secs(10),
+        stream_size(&js, subject::AUDIT_STREAM).await == issued,
+        "the audit log republished"
+    );
+    let audit = js.get_stream(subject::AUDIT_STREAM).await.unwrap();
+    let first = audit.direct_get(1).await.unwrap();
+    assert_eq!(header(&first.headers, "Nats-Msg-Id").as_deref(), Some("audit:1.0"));
+    assert_eq!(audit.cached_info().config.subjects, [subject::events_of(LogName::Audit)]);
 }

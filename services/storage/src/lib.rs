@@ -399,7 +399,11 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     // Publishing committed events: a user of its own, which serves no request.
     let state = Bus::connect_state(&config.nats, "toka-storage-state", &Role::StorageState.inbox()).await?;
     let js = async_nats::jetstream::new(state.client().clone());
-    publish::ensure_stream(&js).await?;
+    for log in publish::ensure_streams(&js).await? {
+        // A new stream holds none of its log's events: publish what the WAL keeps of them.
+        let republish = wal.call(move |w| w.head(log).and_then(|head| w.set_published(log, head.first_seq - 1))).await;
+        republish.map_err(|e| Error::Thread(e.to_string()))??;
+    }
     let (stop_publisher, stopped) = tokio::sync::watch::channel(false);
     let publisher = tokio::spawn(publish::run(js, wal.clone(), stopped.clone()));
     let compactor = config.storage.compact_keep_records.map(|keep| {

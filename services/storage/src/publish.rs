@@ -1,6 +1,7 @@
 //! Publishing committed events to JetStream.
 //!
-//! After a commit, each event of each new record goes to the stream `TOKA_EVENTS` on
+//! After a commit, each event of each new record goes to its log's stream (`TOKA_EVENTS` for the
+//! kernel log, `TOKA_AUDIT` for the audit log) on
 //! `toka.evt.<log>.<category>.<name>.<entity>`, as a CloudEvents envelope, with
 //! `Nats-Msg-Id` = `<log>:<seq>.<idx>` so the stream drops a republished duplicate. The
 //! messages of an append are built before its commit and handed to the publisher after it,
@@ -38,19 +39,64 @@ pub enum Error {
     },
 }
 
-/// Creates the events stream if it does not exist.
-pub async fn ensure_stream(js: &jetstream::Context) -> Result<(), Error> {
-    let config = jetstream::stream::Config {
-        name: subject::EVENTS_STREAM.to_owned(),
-        subjects: vec![subject::ALL_EVENTS.to_owned()],
+/// The stream of `log`'s committed events: its subjects, kept on file, read by direct gets
+/// (which need no consumer, so readers need no right to make one), and each stored message
+/// republished, headers only, under `toka.live` for followers to learn what to read.
+pub fn stream_config(log: LogName) -> jetstream::stream::Config {
+    let subjects = subject::events_of(log);
+    jetstream::stream::Config {
+        name: subject::stream_of(log).to_owned(),
+        republish: subject::live(&subjects).map(|destination| jetstream::stream::Republish {
+            source: subjects.clone(),
+            destination,
+            headers_only: true,
+        }),
+        subjects: vec![subjects],
         duplicate_window: DUPLICATE_WINDOW,
         storage: jetstream::stream::StorageType::File,
+        allow_direct: true,
         ..Default::default()
-    };
-    js.get_or_create_stream(config)
-        .await
-        .map_err(|e| Error::Stream { stream: subject::EVENTS_STREAM, reason: e.to_string() })?;
-    Ok(())
+    }
+}
+
+/// Creates each log's stream if it does not exist and brings an existing one to its
+/// configuration; returns the logs whose stream was created, which hold none of their events
+/// yet. A stream that held other subjects (every log's events were once in `TOKA_EVENTS`) has
+/// the other logs' events purged first, so its readers see its own log's only.
+pub async fn ensure_streams(js: &jetstream::Context) -> Result<Vec<LogName>, Error> {
+    use jetstream::context::GetStreamErrorKind;
+    let mut created = Vec::new();
+    for log in LogName::ALL {
+        let config = stream_config(log);
+        let fail = |e: &dyn std::fmt::Display| Error::Stream { stream: subject::stream_of(log), reason: e.to_string() };
+        match js.get_stream(&config.name).await {
+            Ok(mut stream) => {
+                let current = stream.info().await.map_err(|e| fail(&e))?.config.clone();
+                if current.subjects == config.subjects && current.allow_direct && current.republish == config.republish
+                {
+                    continue;
+                }
+                for other in LogName::ALL.into_iter().filter(|other| *other != log) {
+                    let foreign = subject::events_of(other);
+                    if current.subjects.iter().any(|s| s == subject::ALL_EVENTS || *s == foreign) {
+                        let purged = stream.purge().filter(foreign).await.map_err(|e| fail(&e))?;
+                        tracing::info!(stream = config.name, %other, purged = purged.purged, "purged another log's events");
+                    }
+                }
+                js.update_stream(&config).await.map_err(|e| fail(&e))?;
+                tracing::info!(stream = config.name, "stream configuration updated");
+            }
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                js.create_stream(config).await.map_err(|e| fail(&e))?;
+                created.push(log);
+            }
+            Err(e) => return Err(fail(&e)),
+        }
+    }
+    Ok(created)
 }
 
 /// One JetStream message: subject, `Nats-Msg-Id`, CloudEvents envelope.
@@ -139,9 +185,9 @@ struct Progress {
     js: jetstream::Context,
     wal: WalHandle,
     published: BTreeMap<LogName, u64>,
-    /// The id of the stream's last message, when this publisher sent it; what the next chain
-    /// continues from.
-    last_id: Option<String>,
+    /// The id of each stream's last message, when this publisher sent it; what the next chain
+    /// on that stream continues from.
+    last_id: BTreeMap<LogName, String>,
     /// Sends left to acknowledge one by one before chaining again, after a refused chain:
     /// where another publisher writes to the stream as well, chains keep being refused, and
     /// each refusal costs a second sending.
@@ -155,15 +201,15 @@ impl Progress {
     /// Publishes `messages`, as a chain after the stream's last message when that is known to
     /// be ours, else (or if the chain is refused) each acknowledged on its own: duplicates of
     /// what the chain did store are dropped by their ids.
-    async fn send(&mut self, messages: Vec<Message>) -> Result<(), String> {
+    async fn send(&mut self, log: LogName, messages: Vec<Message>) -> Result<(), String> {
         let Some(last_id) = messages.last().map(|m| m.id.clone()) else { return Ok(()) };
-        let previous = self.last_id.take();
+        let previous = self.last_id.remove(&log);
         if self.unchained > 0 {
             self.unchained -= 1;
         } else if let Some(previous) = previous {
             match send_chained(&self.js, &previous, &messages).await {
                 Ok(()) => {
-                    self.last_id = Some(last_id);
+                    self.last_id.insert(log, last_id);
                     return Ok(());
                 }
                 Err(e) => {
@@ -173,7 +219,7 @@ impl Progress {
             }
         }
         if send_acked(&self.js, messages).await? {
-            self.last_id = Some(last_id);
+            self.last_id.insert(log, last_id);
         }
         Ok(())
     }
@@ -203,7 +249,7 @@ impl Progress {
         for (seq, time_us, events) in outbox.records {
             messages.extend(self::messages(outbox.log, seq, time_us, events)?);
         }
-        self.send(messages).await?;
+        self.send(outbox.log, messages).await?;
         self.mark(outbox.log, last).await
     }
 
@@ -235,7 +281,7 @@ impl Progress {
                     serde_json::from_slice(&stored.body).map_err(|e| format!("record {}: {e}", stored.seq))?;
                 messages.extend(self::messages(log, record.seq, record.time_us, record.events)?);
             }
-            self.send(messages).await?;
+            self.send(log, messages).await?;
             self.mark(log, last).await?;
             done += records.len() as u64;
         }
@@ -249,7 +295,7 @@ pub async fn run(js: jetstream::Context, wal: WalHandle, mut stop: watch::Receiv
         tracing::error!("a second publisher was started; this one stops");
         return;
     };
-    let mut progress = Progress { js, wal, published: BTreeMap::new(), last_id: None, unchained: 0 };
+    let mut progress = Progress { js, wal, published: BTreeMap::new(), last_id: BTreeMap::new(), unchained: 0 };
     let mut catch_up = true;
     loop {
         if catch_up {

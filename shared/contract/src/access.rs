@@ -27,7 +27,8 @@ pub enum Role {
     KernelState,
     /// The storage service.
     Storage,
-    /// Storage's publishing of committed events (`toka.evt.>` and the `TOKA_EVENTS` stream).
+    /// Storage's publishing of committed events (`toka.evt.>` and the `TOKA_EVENTS` and `TOKA_AUDIT`
+    /// streams).
     StorageState,
     /// The auth service.
     Auth,
@@ -170,24 +171,22 @@ fn subjects(endpoints: &[Endpoint]) -> impl Iterator<Item = String> + '_ {
 /// Asking the services API who is there.
 const DISCOVERY: [&str; 6] = ["$SRV.PING", "$SRV.INFO", "$SRV.STATS", "$SRV.PING.>", "$SRV.INFO.>", "$SRV.STATS.>"];
 
-/// Reading the committed-events stream through a consumer of one's own on `filter`.
-fn event_consumers(filter: &str) -> Vec<String> {
-    let stream = subject::EVENTS_STREAM;
-    vec![
-        format!("$JS.API.STREAM.INFO.{stream}"),
-        format!("$JS.API.CONSUMER.CREATE.{stream}.*.{filter}"),
-        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
-        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
-        format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
-        format!("$JS.ACK.{stream}.>"),
-    ]
+/// Reading the stream of `log`'s committed events: direct gets (a message by sequence, the next
+/// or the last on a subject), nothing that creates a consumer or changes the stream.
+fn direct_gets(log: LogName) -> [String; 2] {
+    let stream = subject::stream_of(log);
+    [format!("$JS.API.DIRECT.GET.{stream}"), format!("$JS.API.DIRECT.GET.{stream}.>")]
 }
 
-/// Discovery, and consuming every committed event: telemetry and operators.
-fn discovery_and_event_consumers() -> Vec<String> {
-    let mut subjects: Vec<String> = DISCOVERY.map(String::from).to_vec();
-    subjects.extend(event_consumers(subject::ALL_EVENTS));
-    subjects
+/// Discovery, and reading every committed event (live, and from the streams with their
+/// information): telemetry and operators.
+fn discovery_and_event_reads(publish: &mut Vec<String>, subscribe: &mut Vec<String>) {
+    publish.extend(DISCOVERY.map(String::from));
+    for log in LogName::ALL {
+        publish.extend(direct_gets(log));
+        publish.push(format!("$JS.API.STREAM.INFO.{}", subject::stream_of(log)));
+    }
+    subscribe.extend([subject::ALL_EVENTS.to_owned(), format!("{}.>", subject::LIVE_ROOT)]);
 }
 
 /// What a lease in the key-value bucket `bucket` needs: the account's JetStream limits (read
@@ -237,7 +236,7 @@ pub fn permissions(role: Role) -> Permissions {
         Role::Storage => serves(service::STORAGE, &mut subscribe, &mut publish),
         Role::StorageState => {
             publish.push(ALL_EVENTS.to_owned());
-            publish.push(format!("$JS.API.STREAM.*.{EVENTS_STREAM}"));
+            publish.extend(LogName::ALL.map(|log| format!("$JS.API.STREAM.*.{}", stream_of(log))));
         }
         Role::Auth => {
             serves(service::AUTH, &mut subscribe, &mut publish);
@@ -252,9 +251,8 @@ pub fn permissions(role: Role) -> Permissions {
         }
         Role::Telemetry => {
             serves(service::TELEMETRY, &mut subscribe, &mut publish);
-            subscribe.push(ALL_EVENTS.to_owned());
             publish.extend(subjects(&[STORAGE_QUERY, STORAGE_STATUS]));
-            publish.extend(discovery_and_event_consumers());
+            discovery_and_event_reads(&mut publish, &mut subscribe);
         }
         Role::AuthCallout => {
             // Alone in its account: the server's requests, and the answers to them.
@@ -266,7 +264,7 @@ pub fn permissions(role: Role) -> Permissions {
             publish.push("$SYS.REQ.SERVER.*.KICK".to_owned());
         }
         Role::Operator => {
-            subscribe.extend([ALL_EVENTS.to_owned(), AUTH_HEARTBEAT.to_owned()]);
+            subscribe.extend([AUTH_HEARTBEAT.to_owned(), ALERTS.to_owned()]);
             publish.extend(subjects(&[STORAGE_READ, STORAGE_QUERY, STORAGE_HEAD, STORAGE_VERIFY, STORAGE_STATUS]));
             publish.extend(subjects(&[
                 KERNEL_STATUS,
@@ -277,7 +275,7 @@ pub fn permissions(role: Role) -> Permissions {
                 AUTH_JWKS,
                 AUTH_REVOCATIONS,
             ]));
-            publish.extend(discovery_and_event_consumers());
+            discovery_and_event_reads(&mut publish, &mut subscribe);
         }
     }
     // Any Toka user may ask any service for its health; the state users ask nothing.
@@ -299,8 +297,9 @@ pub fn token_inbox(jti: &str) -> String {
 /// Every token may publish the kernel's client endpoints (the kernel checks the token in each
 /// request), delegate and revoke, read the keys and revocations, ask for health and discovery,
 /// and receive replies on its own inbox. `issue` and `rotate` need a capability with those
-/// actions; committed kernel events (live and from the stream) need `read` on every agent.
-/// No token reads audit events or another token's inbox.
+/// actions; committed kernel events (live, and from the stream by direct gets) and alerts need
+/// `read` on every agent. No token reads audit events or another token's inbox, or touches
+/// any other JetStream API: no consumers, no key-value buckets.
 pub fn token_permissions(jti: &str, caps: &[Capability]) -> Permissions {
     use subject::*;
     let mut publish: Vec<String> = subjects(&[
@@ -329,9 +328,11 @@ pub fn token_permissions(jti: &str, caps: &[Capability]) -> Permissions {
     let mut subscribe = vec![format!("{}.>", token_inbox(jti)), AUTH_HEARTBEAT.to_owned()];
     let reads_every_agent = caps.iter().any(|c| c.resource == Pattern::AnyAgent && c.actions.contains(Action::Read));
     if reads_every_agent {
-        let kernel_events = format!("{EVENTS_ROOT}.{}.>", LogName::Kernel.as_str());
-        publish.extend(event_consumers(&kernel_events));
+        let kernel_events = events_of(LogName::Kernel);
+        publish.extend(direct_gets(LogName::Kernel));
+        subscribe.extend(live(&kernel_events));
         subscribe.push(kernel_events);
+        subscribe.push(ALERTS.to_owned());
     }
     Permissions { publish, subscribe }
 }
@@ -490,18 +491,34 @@ mod tests {
     #[test]
     fn reading_every_agent_reads_kernel_events_and_never_audit() {
         let reader = [Capability::new(Pattern::AnyAgent, &[Action::Read])];
-        assert!(token_reads(&reader, "toka.evt.kernel.agent.spawned.x"));
-        assert!(token_may(&reader, "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.kernel.agent.*.x"));
-        assert!(token_may(&reader, "$JS.API.CONSUMER.MSG.NEXT.TOKA_EVENTS.c1"));
+        for subject in ["toka.evt.kernel.agent.spawned.x", "toka.live.kernel.agent.spawned.x", "toka.alert.denials"] {
+            assert!(token_reads(&reader, subject), "{subject}");
+        }
+        assert!(token_may(&reader, "$JS.API.DIRECT.GET.TOKA_EVENTS"));
+        assert!(token_may(&reader, "$JS.API.DIRECT.GET.TOKA_EVENTS.toka.evt.kernel.agent.*.x"));
         for refused in [
-            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.audit.>",
-            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.>",
+            "$JS.API.DIRECT.GET.TOKA_AUDIT",
+            "$JS.API.DIRECT.GET.TOKA_AUDIT.toka.evt.audit.>",
+            "$JS.API.DIRECT.GET.KV_toka_kernel.$KV.toka_kernel.sequencer",
+            "$JS.API.STREAM.INFO.TOKA_EVENTS",
+            "$JS.API.STREAM.MSG.GET.TOKA_EVENTS",
+            "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c1.toka.evt.kernel.>",
             "$JS.API.CONSUMER.CREATE.TOKA_EVENTS",
-            "$JS.API.CONSUMER.CREATE.KV_toka_kernel.c1.>",
+            "$JS.API.CONSUMER.DURABLE.CREATE.TOKA_EVENTS.c1",
+            "$JS.API.CONSUMER.MSG.NEXT.TOKA_EVENTS.c1",
+            "$JS.API.CONSUMER.DELETE.TOKA_EVENTS.c1",
+            "$JS.API.STREAM.PURGE.TOKA_EVENTS",
+            "$JS.API.INFO",
         ] {
             assert!(!token_may(&reader, refused), "{refused}");
         }
-        assert!(!token_reads(&reader, "toka.evt.audit.auth.token.issued.x"));
+        for refused in ["toka.evt.audit.auth.token.issued.x", "toka.live.audit.auth.token.issued.x"] {
+            assert!(!token_reads(&reader, refused), "{refused}");
+        }
+        // Without `read` on every agent: no events, no alerts, no stream.
+        let worker = [Capability::new(Pattern::AnyQueue, &[Action::Claim])];
+        assert!(!token_reads(&worker, "toka.live.kernel.agent.spawned.x") && !token_reads(&worker, "toka.alert.x"));
+        assert!(!token_may(&worker, "$JS.API.DIRECT.GET.TOKA_EVENTS"));
     }
 
     #[test]
@@ -567,11 +584,16 @@ mod tests {
             for subject in ["$SRV.PING", "$SRV.INFO.toka-kernel", "$SRV.STATS.toka-auth.abc"] {
                 assert!(may_publish(role, subject), "{role:?} may ask {subject}");
             }
-            let create = "$JS.API.CONSUMER.CREATE.TOKA_EVENTS.c.toka.evt.>";
-            assert!(may_publish(role, create), "{role:?} may consume events");
-            assert!(!may_publish(role, "$JS.API.CONSUMER.CREATE.KV_toka_kernel.c.>"), "{role:?} may read a bucket");
-            assert!(may_publish(role, "$JS.API.STREAM.INFO.TOKA_EVENTS"), "{role:?} may find the stream");
-            assert!(may_publish(role, "$JS.ACK.TOKA_EVENTS.c.1.1.1.1.1"), "{role:?} may acknowledge");
+            for stream in ["TOKA_EVENTS", "TOKA_AUDIT"] {
+                assert!(may_publish(role, &format!("$JS.API.DIRECT.GET.{stream}")), "{role:?} may read {stream}");
+                assert!(may_publish(role, &format!("$JS.API.STREAM.INFO.{stream}")), "{role:?} may find {stream}");
+                for refused in ["CONSUMER.CREATE.{}.c.toka.evt.>", "CONSUMER.DURABLE.CREATE.{}.c", "STREAM.PURGE.{}"] {
+                    let subject = format!("$JS.API.{}", refused.replace("{}", stream));
+                    assert!(!may_publish(role, &subject), "{role:?} may publish {subject}");
+                }
+            }
+            assert!(may_subscribe(role, "toka.live.audit.auth.token.issued.x"), "{role:?} follows the audit log");
+            assert!(!may_publish(role, "$JS.API.DIRECT.GET.KV_toka_kernel"), "{role:?} may read a bucket");
             assert!(!may_publish(role, "$JS.API.STREAM.INFO.OTHER"), "{role:?} sees no other stream");
         }
         assert!(!may_publish(Role::Storage, "$SRV.PING"), "services answer discovery, they do not ask");
@@ -614,6 +636,7 @@ mod tests {
         assert!(may_publish(Role::AuthState, "$KV.toka_auth.rotation"));
         assert!(may_publish(Role::AuthState, "toka.auth.v1.heartbeat"));
         assert!(may_publish(Role::StorageState, "$JS.API.STREAM.INFO.TOKA_EVENTS"));
+        assert!(may_publish(Role::StorageState, "$JS.API.STREAM.UPDATE.TOKA_AUDIT"));
         assert!(!may_publish(Role::StorageState, "$JS.API.STREAM.INFO.KV_toka_kernel"));
         for state in [Role::KernelState, Role::AuthState, Role::StorageState] {
             assert!(!may_publish(state, "_INBOX.01JTI.abc.1"), "{state:?} answers nobody");

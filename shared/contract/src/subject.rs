@@ -137,8 +137,45 @@ pub const EVENTS_ROOT: &str = "toka.evt";
 /// Every committed event (the JetStream stream's subject filter).
 pub const ALL_EVENTS: &str = "toka.evt.>";
 
-/// The JetStream stream that holds committed events.
+/// The JetStream stream that holds the kernel log's committed events (readers with `read` on
+/// every agent may read it).
 pub const EVENTS_STREAM: &str = "TOKA_EVENTS";
+
+/// The JetStream stream that holds the audit log's committed events (operators only).
+pub const AUDIT_STREAM: &str = "TOKA_AUDIT";
+
+/// The root of the subjects each stream republishes its stored messages on, headers only: a
+/// message there says that the stream stored the event of the same subject under `toka.evt`,
+/// at the sequence in its `Nats-Sequence` header (followers read it with a direct get).
+pub const LIVE_ROOT: &str = "toka.live";
+
+/// Alerts raised about what the logs show (`toka.alert.<kind>`).
+pub const ALERTS: &str = "toka.alert.>";
+
+/// The stream that holds the committed events of `log`.
+pub const fn stream_of(log: LogName) -> &'static str {
+    match log {
+        LogName::Kernel => EVENTS_STREAM,
+        LogName::Audit => AUDIT_STREAM,
+    }
+}
+
+/// Every committed event of `log` (its stream's subject filter).
+pub fn events_of(log: LogName) -> String {
+    format!("{EVENTS_ROOT}.{log}.>")
+}
+
+/// The log whose events `filter` (a subject under `toka.evt`, wildcards allowed) selects, when
+/// it names one.
+pub fn log_of(filter: &str) -> Option<LogName> {
+    let log = filter.strip_prefix(EVENTS_ROOT)?.strip_prefix('.')?.split('.').next()?;
+    LogName::ALL.into_iter().find(|l| l.as_str() == log)
+}
+
+/// Where the stream republishes what it stored on `filter` (a subject under `toka.evt`).
+pub fn live(filter: &str) -> Option<String> {
+    filter.strip_prefix(EVENTS_ROOT).filter(|rest| rest.starts_with('.')).map(|rest| format!("{LIVE_ROOT}{rest}"))
+}
 
 /// The token that stands for "no entity".
 pub const NO_ENTITY: &str = "_";
@@ -217,5 +254,19 @@ mod tests {
             let (category, name) = t.split_once('.').unwrap();
             assert!(is_token(category) && is_token(name), "{t}");
         }
+    }
+
+    #[test]
+    fn each_log_has_its_stream_and_a_filter_names_its_log_and_live_subject() {
+        assert_eq!(stream_of(LogName::Kernel), EVENTS_STREAM);
+        assert_eq!(stream_of(LogName::Audit), AUDIT_STREAM);
+        assert_eq!(events_of(LogName::Audit), "toka.evt.audit.>");
+        assert_eq!(log_of("toka.evt.kernel.*.*.a1"), Some(LogName::Kernel));
+        assert_eq!(log_of(&events_of(LogName::Audit)), Some(LogName::Audit));
+        for unnamed in ["toka.evt.>", "toka.evt.*.agent.>", "toka.evtx.kernel.>", "toka.live.kernel.>", ""] {
+            assert_eq!(log_of(unnamed), None, "{unnamed}");
+        }
+        assert_eq!(live("toka.evt.kernel.task.>").as_deref(), Some("toka.live.kernel.task.>"));
+        assert_eq!(live("toka.evtx.kernel.>"), None);
     }
 }

@@ -304,13 +304,18 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
         Action::Cancel,
     ];
     let caps = vec![Capability::new(Pattern::AnyAgent, &agent_actions)];
-    let token = Client::issue_token(&operator, &admin, "load".parse()?, caps, Duration::from_secs(3_600), false)
+    // Each token lives an hour; a longer run connects again with a fresh one before it expires.
+    let sub: toka_contract::spec::Principal = "load".parse()?;
+    let source: toka_client::TokenSource = Arc::new(move || {
+        let (operator, admin, sub, caps) = (operator.clone(), admin.clone(), sub.clone(), caps.clone());
+        Box::pin(async move {
+            let ttl = Duration::from_secs(3_600);
+            Ok(Client::issue_token(&operator, &admin, sub, caps, ttl, false).await?.token)
+        })
+    });
+    let client = Client::connect_renewing(&load.nats.config(30_000), "toka-load", source)
         .await
-        .context("issuing a token")?;
-    operator.drain().await;
-    let client = Client::connect(&load.nats.config(30_000), "toka-load", token.token.clone()).await?;
-    let bus = client.bus().clone();
-    let token = Arc::new(token.token);
+        .context("issuing a token and connecting with it")?;
     let run_id = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
     let fresh = Arc::new(AtomicU64::new(0));
     let op_id = {
@@ -329,7 +334,7 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
     let queue: toka_contract::spec::QueueName = "load".parse()?;
     let observation: toka_contract::spec::ObservationKind = "load.tick".parse()?;
     let name: toka_contract::spec::AgentName = "load-agent".parse()?;
-    let (client_bus, request_token) = (bus.clone(), token.clone());
+    let session = client.clone();
     let result = drive(&load.clients, "operations", move |client, i| {
         let (kind, op) = match pick(&mix, i.wrapping_mul(7).wrapping_add(client as u64)) {
             "spawn" => (
@@ -357,15 +362,15 @@ pub(crate) async fn kernel(load: KernelLoad) -> anyhow::Result<()> {
                 },
             ),
         };
-        let request = SubmitRequest { op_id: op_id(), token: (*request_token).clone(), op };
-        let body = serde_json::to_vec(&request).map(bytes::Bytes::from);
-        let client = client_bus.client().clone();
+        let (op_id, session) = (op_id(), session.clone());
         async move {
             // Sent raw, not through `Client::submit` (which checks each reply against its
             // schema), as the plain NATS load is: the generator shares the machine with what
             // it measures, so it does no more than it must. A reply without the services-API
             // error header is an acknowledged operation; an error's body says why.
-            let message = client.request(subject::KERNEL_SUBMIT.subject, body.map_err(|e| e.to_string())?).await;
+            let (bus, token) = session.connection().await.map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&SubmitRequest { op_id, token, op }).map_err(|e| e.to_string())?;
+            let message = bus.client().request(subject::KERNEL_SUBMIT.subject, body.into()).await;
             let message = message.map_err(|e| e.to_string())?;
             match message.headers.as_ref().and_then(|h| h.get(ERROR_HEADER)) {
                 None => Ok(kind),

@@ -20,7 +20,7 @@ use toka_contract::Envelope;
 use toka_contract::subject;
 use toka_contract::wire::{ErrorCode, WireError};
 
-use crate::Bus;
+use crate::{Bus, unavailable};
 
 /// How long a follower that has read everything waits before looking again without a notice.
 const POLL: Duration = Duration::from_secs(2);
@@ -59,10 +59,6 @@ impl std::fmt::Debug for Events {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Events").field("filter", &self.filter).field("next", &self.next).finish_non_exhaustive()
     }
-}
-
-fn unavailable(what: &str, e: impl std::fmt::Display) -> WireError {
-    WireError::new(ErrorCode::Unavailable, format!("{what}: {e}")).with_retry_after_ms(1_000)
 }
 
 /// The events on `filter` (a subject under `toka.evt.<log>`, wildcards allowed; see

@@ -2,10 +2,12 @@
 //!
 //! - [`Client`]: a connection with a token: submit operations (retried with the same operation
 //!   id while the kernel cannot take them, so an operation is applied at most once), query
-//!   agents and tasks, ask auth for tokens.
+//!   agents and tasks, ask auth for tokens; with [`Client::connect_renewing`] it connects again
+//!   with a fresh token from a [`TokenSource`] (such as [`token_file`]) before each expires.
 //! - [`worker`]: the worker loop: claim tasks from a queue, heartbeat while working, complete or
 //!   fail them.
-//! - [`events`]: committed events from the `TOKA_EVENTS` stream, in log order, history first.
+//! - [`events`]: committed events from a log's stream (`TOKA_EVENTS` for the kernel log), in
+//!   log order, history first, then as they are stored.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -28,8 +30,11 @@
 pub mod events;
 pub mod worker;
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use toka_contract::api::auth::{Credential, IssueRequest, TokenReply};
 use toka_contract::api::kernel::{
     AgentGetRequest, AgentListReply, AgentListRequest, AgentState, AgentView, BatchItem, StatusReply, StatusRequest,
@@ -102,11 +107,85 @@ pub struct TaskFilter {
     pub state: Option<TaskState>,
 }
 
-/// A connection to Toka acting with one token.
-#[derive(Debug, Clone)]
-pub struct Client {
+/// Where a renewing client gets a fresh token (a new `jti`) before the one it acts with expires:
+/// [`token_file`], a closure that asks auth (with an admin key or an `issue` token), or
+/// anything else.
+pub type TokenSource = Arc<dyn Fn() -> BoxFuture<'static, Result<String, WireError>> + Send + Sync>;
+
+/// A token source that reads the token from `path` each time (trimmed): whatever keeps the
+/// file current (an operator's `toka token issue`, a secret mounted by the platform) renews
+/// the client.
+pub fn token_file(path: impl Into<PathBuf>) -> TokenSource {
+    let path: PathBuf = path.into();
+    Arc::new(move || {
+        let path = path.clone();
+        Box::pin(async move {
+            match tokio::fs::read_to_string(&path).await {
+                Ok(token) => Ok(token.trim().to_owned()),
+                Err(e) => Err(WireError::new(ErrorCode::Unauthorized, format!("token file {}: {e}", path.display()))),
+            }
+        })
+    })
+}
+
+/// A connection admitted with one token, and that token.
+#[derive(Debug)]
+struct Session {
     bus: Bus,
     token: String,
+    /// When to get a fresh token (Unix seconds), for a renewing client.
+    renew_at_s: Option<u64>,
+    expires_s: Option<u64>,
+}
+
+impl Session {
+    fn new(bus: Bus, token: String) -> Session {
+        let lifetime = toka_runtime::token::unverified_lifetime(&token);
+        // A quarter of its life before it expires, at least a second and at most a minute.
+        let renew_at_s = lifetime.map(|(iat, exp)| exp.saturating_sub((exp.saturating_sub(iat) / 4).clamp(1, 60)));
+        Session { bus, token, renew_at_s, expires_s: lifetime.map(|(_, exp)| exp) }
+    }
+}
+
+/// What a renewing client connects again with.
+struct Renewal {
+    nats: NatsConfig,
+    name: String,
+    source: TokenSource,
+    /// One renewal at a time; when one last failed while the token still served.
+    busy: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// The current session, shared by a client's clones.
+struct Shared {
+    current: RwLock<Arc<Session>>,
+    renewal: Option<Renewal>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("renewing", &self.renewal.is_some()).finish_non_exhaustive()
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> WireError {
+    WireError::new(ErrorCode::Unavailable, format!("{what}: {e}")).with_retry_after_ms(1_000)
+}
+
+fn unix_now_s() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// A connection to Toka acting with a token; clones share the connection.
+///
+/// A client made with [`Client::connect_renewing`] gets a fresh token from its source a quarter
+/// of the token's life before it expires (at least a second, at most a minute before) and
+/// connects again with it, under the new token's inbox: the server closes a connection whose
+/// token expired, and a connection cannot change its token. Calls in flight finish on the old
+/// connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
     retry: Retry,
 }
 
@@ -114,7 +193,7 @@ impl Client {
     /// Connects to NATS as `name` with `token` and acts with it: the connection is admitted by
     /// auth with the token's permissions and receives replies on the token's own inbox
     /// (`nats.nkey_seed_file` is not used). It closes when the token expires or is revoked;
-    /// connect again with a fresh token.
+    /// [`Client::connect_renewing`] connects again with a fresh token before then.
     pub async fn connect(
         nats: &NatsConfig,
         name: &str,
@@ -124,15 +203,27 @@ impl Client {
         Ok(Client::new(Bus::connect_with_token(nats, name, &token).await?, token))
     }
 
+    /// Connects as `name` with a token from `source`, and again with a fresh one from it before
+    /// each token expires.
+    pub async fn connect_renewing(nats: &NatsConfig, name: &str, source: TokenSource) -> Result<Client, WireError> {
+        let token = source().await?;
+        let bus = Bus::connect_with_token(nats, name, &token).await.map_err(|e| unavailable("connecting", e))?;
+        let renewal =
+            Renewal { nats: nats.clone(), name: name.to_owned(), source, busy: tokio::sync::Mutex::new(None) };
+        let current = RwLock::new(Arc::new(Session::new(bus, token)));
+        Ok(Client { shared: Arc::new(Shared { current, renewal: Some(renewal) }), retry: Retry::default() })
+    }
+
     /// A client on an open connection (one made with this token, or an operator's).
     pub fn new(bus: Bus, token: impl Into<String>) -> Client {
-        Client { bus, token: token.into(), retry: Retry::default() }
+        let current = RwLock::new(Arc::new(Session::new(bus, token.into())));
+        Client { shared: Arc::new(Shared { current, renewal: None }), retry: Retry::default() }
     }
 
     /// The same connection acting with another token (the connection keeps the permissions it
-    /// was admitted with).
+    /// was admitted with), not renewed.
     pub fn with_token(&self, token: impl Into<String>) -> Client {
-        Client { bus: self.bus.clone(), token: token.into(), retry: self.retry }
+        Client { retry: self.retry, ..Client::new(self.bus(), token) }
     }
 
     /// This client with another retry policy.
@@ -141,21 +232,87 @@ impl Client {
         self
     }
 
-    /// The connection.
-    pub fn bus(&self) -> &Bus {
-        &self.bus
+    fn current(&self) -> Arc<Session> {
+        self.shared.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
-    /// The token the client acts with.
-    pub fn token(&self) -> &str {
-        &self.token
+    /// The connection now.
+    pub fn bus(&self) -> Bus {
+        self.current().bus.clone()
     }
 
-    /// Sends `body` to `subject`, retrying as the policy says.
-    async fn call<Req: Contract, Rep: ReplyContract>(&self, subject: &str, body: &Req) -> Result<Rep, WireError> {
+    /// The token the client acts with now.
+    pub fn token(&self) -> String {
+        self.current().token.clone()
+    }
+
+    /// The connection and token to use for a call now, renewed first when the token is due.
+    pub async fn connection(&self) -> Result<(Bus, String), WireError> {
+        let session = self.session().await?;
+        Ok((session.bus.clone(), session.token.clone()))
+    }
+
+    /// The current session, renewed first when its token is due.
+    async fn session(&self) -> Result<Arc<Session>, WireError> {
+        let current = self.current();
+        match (&self.shared.renewal, current.renew_at_s) {
+            (Some(renewal), Some(at)) if unix_now_s() >= at => self.renew(renewal, current).await,
+            _ => Ok(current),
+        }
+    }
+
+    /// Replaces `stale` with a session on a fresh token, unless another call did already. If no
+    /// fresh token can be had, the stale one serves until it expires, and the source is asked
+    /// again a second later at the soonest.
+    async fn renew(&self, renewal: &Renewal, stale: Arc<Session>) -> Result<Arc<Session>, WireError> {
+        let mut failed_at = renewal.busy.lock().await;
+        let current = self.current();
+        if !Arc::ptr_eq(&current, &stale) {
+            return Ok(current);
+        }
+        let still_valid = stale.expires_s.is_some_and(|exp| unix_now_s() < exp);
+        if still_valid && failed_at.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return Ok(stale);
+        }
+        let fresh = match (renewal.source)().await {
+            Ok(token) if token == stale.token => Err(WireError::new(
+                ErrorCode::Unauthorized,
+                "the token source gave the expiring token again; renew it there",
+            )),
+            Ok(token) => match Bus::connect_with_token(&renewal.nats, &renewal.name, &token).await {
+                Ok(bus) => Ok(Arc::new(Session::new(bus, token))),
+                Err(e) => Err(unavailable("connecting with a fresh token", e)),
+            },
+            Err(e) => Err(e),
+        };
+        match fresh {
+            Ok(fresh) => {
+                *failed_at = None;
+                let jti = toka_runtime::token::unverified_jti(&fresh.token).unwrap_or_default();
+                tracing::info!(%jti, "connected again with a fresh token");
+                *self.shared.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+                Ok(fresh)
+            }
+            Err(e) if still_valid => {
+                *failed_at = Some(tokio::time::Instant::now());
+                tracing::warn!(error = %e, "no fresh token yet; the current one serves until it expires");
+                Ok(stale)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends the request `body` makes with the current token to `subject`, retrying as the
+    /// policy says (each attempt with the token current then).
+    async fn call<Req: Contract, Rep: ReplyContract>(
+        &self,
+        subject: &str,
+        body: impl Fn(String) -> Req,
+    ) -> Result<Rep, WireError> {
         let mut attempt = 1;
         loop {
-            let error = match self.bus.request(subject, body).await {
+            let session = self.session().await?;
+            let error = match session.bus.request(subject, &body(session.token.clone())).await {
                 Ok(reply) => return Ok(reply),
                 Err(e) => e.to_wire(),
             };
@@ -174,8 +331,7 @@ impl Client {
     /// Submits `op` under `op_id`. Retries carry the same id, so however often it is sent the
     /// kernel applies it once, and every reply is the first result.
     pub async fn submit_with_id(&self, op_id: OpId, op: Operation) -> Result<SubmitReply, WireError> {
-        let request = SubmitRequest { op_id, token: self.token.clone(), op };
-        self.call(subject::KERNEL_SUBMIT.subject, &request).await
+        self.call(subject::KERNEL_SUBMIT.subject, |token| SubmitRequest { op_id, token, op: op.clone() }).await
     }
 
     /// Submits `ops` in one request, each under a fresh operation id; each one's outcome, in
@@ -189,9 +345,9 @@ impl Client {
         let mut attempt = 1;
         loop {
             let todo: Vec<usize> = (0..items.len()).filter(|&i| results[i].is_none()).collect();
-            let request =
-                SubmitBatchRequest { token: self.token.clone(), ops: todo.iter().map(|&i| items[i].clone()).collect() };
-            let reply: SubmitBatchReply = self.call(subject::KERNEL_SUBMIT_BATCH.subject, &request).await?;
+            let ops: Vec<BatchItem> = todo.iter().map(|&i| items[i].clone()).collect();
+            let request = |token| SubmitBatchRequest { token, ops: ops.clone() };
+            let reply: SubmitBatchReply = self.call(subject::KERNEL_SUBMIT_BATCH.subject, request).await?;
             let mut wait = None;
             for (&i, result) in todo.iter().zip(reply.results) {
                 match result.into_result() {
@@ -214,7 +370,7 @@ impl Client {
 
     /// One agent.
     pub async fn agent(&self, agent: AgentId) -> Result<AgentView, WireError> {
-        self.call(subject::KERNEL_AGENT_GET.subject, &AgentGetRequest { token: self.token.clone(), agent }).await
+        self.call(subject::KERNEL_AGENT_GET.subject, |token| AgentGetRequest { token, agent }).await
     }
 
     /// A page of agents (`limit` at most 1000), after `after`.
@@ -224,20 +380,19 @@ impl Client {
         after: Option<AgentId>,
         limit: u32,
     ) -> Result<AgentListReply, WireError> {
-        let request =
-            AgentListRequest { token: self.token.clone(), parent: filter.parent, state: filter.state, after, limit };
-        self.call(subject::KERNEL_AGENT_LIST.subject, &request).await
+        let request = |token| AgentListRequest { token, parent: filter.parent, state: filter.state, after, limit };
+        self.call(subject::KERNEL_AGENT_LIST.subject, request).await
     }
 
     /// Where the sequencer stands: lease holder, log head, state hash, standbys (the token
     /// needs `read` on `agent:*`).
     pub async fn status(&self) -> Result<StatusReply, WireError> {
-        self.call(subject::KERNEL_STATUS.subject, &StatusRequest { token: self.token.clone() }).await
+        self.call(subject::KERNEL_STATUS.subject, |token| StatusRequest { token }).await
     }
 
     /// One task.
     pub async fn task(&self, task: TaskId) -> Result<TaskView, WireError> {
-        self.call(subject::KERNEL_TASK_GET.subject, &TaskGetRequest { token: self.token.clone(), task }).await
+        self.call(subject::KERNEL_TASK_GET.subject, |token| TaskGetRequest { token, task }).await
     }
 
     /// A page of tasks (`limit` at most 1000), after `after`.
@@ -247,15 +402,15 @@ impl Client {
         after: Option<TaskId>,
         limit: u32,
     ) -> Result<TaskListReply, WireError> {
-        let request = TaskListRequest {
-            token: self.token.clone(),
+        let request = |token| TaskListRequest {
+            token,
             agent: filter.agent,
             queue: filter.queue.clone(),
             state: filter.state,
             after,
             limit,
         };
-        self.call(subject::KERNEL_TASK_LIST.subject, &request).await
+        self.call(subject::KERNEL_TASK_LIST.subject, request).await
     }
 
     /// A token from auth, asked for with the deployment's admin key (how the first tokens are

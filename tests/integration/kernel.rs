@@ -77,13 +77,18 @@ impl Stack {
         toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
         let auth = start_auth(&nats, &dir.path().join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
         let operators = nats.connect(Role::Operator).await;
-        let token = issue(&operators, &admin_key, "client", everything()).await;
+        let token = issue(&operators, &admin_key, "client", everything(), Duration::from_secs(3_600)).await;
         let client = nats.client(&token).await.bus().clone();
         Some(Stack { nats, dir, storage: Some(storage), auth, admin_key, operators, client })
     }
 
     pub(crate) async fn token(&self, sub: &str, caps: Vec<Capability>) -> String {
-        issue(&self.operators, &self.admin_key, sub, caps).await
+        issue(&self.operators, &self.admin_key, sub, caps, Duration::from_secs(3_600)).await
+    }
+
+    /// A token that lives `ttl`.
+    pub(crate) async fn short_token(&self, sub: &str, caps: Vec<Capability>, ttl: Duration) -> String {
+        issue(&self.operators, &self.admin_key, sub, caps, ttl).await
     }
 
     /// Where auth keeps its signing keys.
@@ -116,12 +121,12 @@ impl Stack {
 }
 
 /// A token from auth, issued with the admin key over the operator's connection.
-async fn issue(operators: &Bus, admin_key: &str, sub: &str, caps: Vec<Capability>) -> String {
+async fn issue(operators: &Bus, admin_key: &str, sub: &str, caps: Vec<Capability>, ttl: Duration) -> String {
     let request = IssueRequest {
         credential: Credential::AdminKey(admin_key.to_owned()),
         sub: sub.parse().unwrap(),
         capabilities: caps,
-        ttl_ms: 3_600_000,
+        ttl_ms: ttl.as_millis() as u64,
         one_time: false,
     };
     let reply: TokenReply = operators.request(subject::AUTH_ISSUE.subject, &request).await.unwrap();
@@ -129,7 +134,7 @@ async fn issue(operators: &Bus, admin_key: &str, sub: &str, caps: Vec<Capability
 }
 
 /// Every action on every agent and every queue.
-fn everything() -> Vec<Capability> {
+pub(crate) fn everything() -> Vec<Capability> {
     vec![Capability::new(Pattern::AnyAgent, AGENT_ACTIONS), Capability::new(Pattern::AnyQueue, TASK_ACTIONS)]
 }
 

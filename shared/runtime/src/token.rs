@@ -68,15 +68,27 @@ impl From<&Error> for WireError {
     }
 }
 
+/// A token's claims, read without checking anything.
+fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
 /// The `jti` of a token, read without checking anything: the inbox a client names after its
 /// token. Whoever admits the token verifies it.
 pub fn unverified_jti(token: &str) -> Option<String> {
-    let payload = token.split('.').nth(1)?;
-    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    let claims = unverified_claims(token)?;
     let jti = claims.get("jti")?.as_str()?;
     let valid = !jti.is_empty() && jti.bytes().all(|b| b.is_ascii_alphanumeric());
     valid.then(|| jti.to_owned())
+}
+
+/// When a token was issued and when it expires (`iat`, `exp`, Unix seconds), read without
+/// checking anything: when a client should get a fresh one.
+pub fn unverified_lifetime(token: &str) -> Option<(u64, u64)> {
+    let claims = unverified_claims(token)?;
+    Some((claims.get("iat")?.as_u64()?, claims.get("exp")?.as_u64()?))
 }
 
 /// Checks tokens against a key set, the revocations it has heard of, and one-time use.
@@ -318,6 +330,17 @@ mod tests {
     fn forge(header: &str, claims: &Claims, signature: &[u8]) -> String {
         let c = serde_json::to_vec(claims).unwrap();
         format!("{}.{}.{}", b64url(header.as_bytes()), b64url(&c), b64url(signature))
+    }
+
+    #[test]
+    fn the_id_and_lifetime_of_a_token_are_read_without_a_key() {
+        let c = claims(9);
+        let token = KEY.sign(&c);
+        assert_eq!(unverified_jti(&token), Some(c.jti.to_string()));
+        assert_eq!(unverified_lifetime(&token), Some((c.iat, c.exp)));
+        for garbage in ["", "a.b.c", "not-a-token"] {
+            assert_eq!((unverified_jti(garbage), unverified_lifetime(garbage)), (None, None), "{garbage}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ use toka_client::{Client, NatsConfig, token_file};
 
 #[derive(Debug, Parser)]
 #[command(about = "Claim tasks from a Toka queue and complete them")]
+#[command(group(clap::ArgGroup::new("credential").required(true).args(["token", "token_file"])))]
 struct Args {
     /// NATS server URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
@@ -27,7 +28,7 @@ struct Args {
     queue: String,
     /// A token with claim, heartbeat, complete and fail on `task:<queue>`; the worker connects
     /// with it, and stops working when it expires.
-    #[arg(long, env = "TOKA_WORKER_TOKEN", required_unless_present = "token_file", conflicts_with = "token_file")]
+    #[arg(long, env = "TOKA_WORKER_TOKEN")]
     token: Option<String>,
     /// A file holding such a token, read again a quarter of the token's life before it expires:
     /// whatever writes a fresh token there keeps the worker going.

@@ -36,6 +36,9 @@ pub enum Error {
         /// The last failure.
         reason: String,
     },
+    /// The connection token is not a Toka token.
+    #[error("the connection token is not a Toka token (it has no jti); `toka token issue` makes one")]
+    NotAToken,
 }
 
 /// Why a request to another service failed.
@@ -150,11 +153,7 @@ impl Bus {
     /// `nats.nkey_seed_file` is not used. The server closes the connection when the token
     /// expires or is revoked; connect again with a fresh one.
     pub async fn connect_with_token(config: &NatsConfig, name: &str, token: &str) -> Result<Bus, Error> {
-        let jti = crate::token::unverified_jti(token).ok_or_else(|| Error::Connect {
-            url: config.url.clone(),
-            timeout_ms: 0,
-            reason: "the token is not a Toka token (no jti)".into(),
-        })?;
+        let jti = crate::token::unverified_jti(token).ok_or(Error::NotAToken)?;
         let inbox = toka_contract::access::token_inbox(&jti);
         Self::connect_as(config, Credential::Token(token.to_owned()), name, &inbox).await
     }

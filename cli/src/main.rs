@@ -48,8 +48,11 @@ enum Command {
     /// - nats.conf: JetStream on; accounts AUTH, TOKA and SYS; each user in its account with
     ///   least-privilege permissions; the auth callout for every other connection. Clients have
     ///   no key: they connect with a Toka token (`token` in the NATS clients), and auth admits
-    ///   each with the permissions its capabilities give and its own inbox, `_INBOX.<jti>`.
+    ///   each with the permissions its capabilities give and its own inbox, `_INBOX.<jti>`;
+    ///   no client token reaches the JetStream API beyond direct gets on TOKA_EVENTS (with
+    ///   `read` on every agent).
     /// - config/<service>.toml for each service.
+    #[command(verbatim_doc_comment)]
     NatsConfig {
         /// Deployment directory.
         #[arg(long, default_value = "data")]

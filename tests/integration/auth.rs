@@ -405,12 +405,20 @@ async fn the_attack_suite_is_refused_through_the_service() {
     );
 
     let once = stack.issue_as(stack.admin(), &read_agents(), 60_000, true).await.unwrap();
-    stack.delegate(&once.token, &read, 1_000).await.unwrap();
+    let child = stack.delegate(&once.token, &read, 1_000).await.unwrap();
     assert_refused(
         stack.delegate(&once.token, &read, 1_000).await,
         ErrorCode::Unauthorized,
         "already used",
         "one-time reuse",
+    );
+    // Its child, asked for without `one_time`, is one-time too: it works once.
+    stack.delegate(&child.token, &read, 1_000).await.expect("the child works once");
+    assert_refused(
+        stack.delegate(&child.token, &read, 1_000).await,
+        ErrorCode::Unauthorized,
+        "already used",
+        "a one-time token's child reused",
     );
 
     // The revocations are in the log and fetchable, with the epoch.

@@ -34,7 +34,8 @@ pub enum Error {
 }
 
 /// The claims of a child of `parent`: a subset of its capabilities, a lifetime that ends no
-/// later than the parent's (a longer one is refused, not shortened), one more link in the chain, under the depth cap. `lineage` answers
+/// later than the parent's (a longer one is refused, not shortened), one more link in the
+/// chain, under the depth cap, one-time if asked or if the parent is. `lineage` answers
 /// descent between agents where the caller knows the tree (the kernel); auth, which does not,
 /// passes [`toka_contract::capability::NoLineage`].
 #[allow(clippy::too_many_arguments)]
@@ -79,7 +80,8 @@ pub fn delegate(
         caps,
         chain,
         depth: depth as u8,
-        once,
+        // A one-time token's children are one-time: none launders it into a reusable one.
+        once: once || parent.once,
     })
 }
 
@@ -149,6 +151,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(named.sub.as_str(), "agent-7");
+    }
+
+    #[test]
+    fn a_one_time_parent_has_one_time_children_only() {
+        let once = Claims { once: true, ..parent() };
+        assert!(child_of(&once, 60, 5).unwrap().once, "asked for without one_time");
+        assert!(!child_of(&parent(), 60, 5).unwrap().once);
     }
 
     #[test]

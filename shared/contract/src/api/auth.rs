@@ -65,7 +65,7 @@ pub struct DelegateRequest {
     pub capabilities: Vec<Capability>,
     /// Lifetime in milliseconds; the child never outlives its parent.
     pub ttl_ms: u64,
-    /// Whether verifiers accept it only once.
+    /// Whether verifiers accept it only once (always, when the parent is one-time).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub one_time: bool,
 }

@@ -176,6 +176,7 @@ fn claims(jti: u128) -> Claims {
         chain: Vec::new(),
         depth: 0,
         once: false,
+        root: None,
     }
 }
 

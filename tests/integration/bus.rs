@@ -264,6 +264,7 @@ async fn connections_without_a_valid_token_are_refused_and_counted_by_reason() {
         chain: Vec::new(),
         depth: 0,
         once: false,
+        root: None,
     };
     // Signed with the deployment's own key, an hour past its expiry; and by another deployment.
     let ring = toka_auth::keys::KeyStore::open(&stack.keys_dir()).unwrap().load().unwrap();

@@ -714,3 +714,73 @@ async fn the_load_generator_reports_durable_operations_by_kind_as_json() {
     // and those sent while the run was stopping.
     assert_eventually!(Duration::from_secs(5), hashes.borrow().0 > requests, "every measured operation durable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_names_its_children_under_its_own_name_and_they_share_its_budget() {
+    use toka_contract::api::auth::DelegateRequest;
+    let Some(stack) = Stack::start("kernel-names").await else { return };
+    // Ten submits at once per root, then five a second.
+    let (_kernel, _) = start_kernel_with(&stack.nats, "k", |k| {
+        k.rate_limits.insert("submit".into(), toka_runtime::limit::Rate::new(5, 10));
+    })
+    .await;
+    let owner = toka_client::Client::new(stack.client.clone(), stack.operator().await);
+    let agent = spawned(&owner.submit(spawn("owner", None)).await.unwrap());
+    let task = TaskSpec {
+        agent,
+        queue: "q".parse().unwrap(),
+        payload: "worker-2's".into(),
+        priority: 0,
+        timeouts: Default::default(),
+        retry: Default::default(),
+    };
+    owner.submit(Operation::ScheduleTask(task)).await.unwrap();
+    let worker_caps = vec![Capability::new(Pattern::Queue("q".parse().unwrap()), TASK_ACTIONS)];
+    let worker_2 = stack.nats.client(&stack.token("worker-2", worker_caps.clone()).await).await;
+    let claimed = toka_client::worker::Worker::new(worker_2, "q".parse().unwrap(), "w2".into())
+        .claim()
+        .await
+        .unwrap()
+        .expect("worker-2 claimed the task");
+
+    let worker_1_token = stack.token("worker-1", worker_caps.clone()).await;
+    let worker_1 = stack.nats.client(&worker_1_token).await;
+    let delegate = |sub: &str| {
+        let request = DelegateRequest {
+            token: worker_1_token.clone(),
+            sub: Some(sub.parse().unwrap()),
+            capabilities: worker_caps.clone(),
+            ttl_ms: 600_000,
+            one_time: false,
+        };
+        let bus = worker_1.bus();
+        async move { bus.request::<_, TokenReply>(subject::AUTH_DELEGATE.subject, &request).await.map_err(|e| e.to_wire()) }
+    };
+    // Another's name, or a made-up one, is refused; a name under its own is given.
+    for foreign in ["worker-2", "admin", "worker-10", "agent:01h00000000000000000000000"] {
+        let refused = delegate(foreign).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden, "{foreign}: {refused:?}");
+        assert!(refused.message.contains("worker-1/<suffix>"), "{refused:?}");
+    }
+    let child = delegate("worker-1/a").await.expect("a name under its own");
+    // With neither its own token nor its child's does worker-1 complete worker-2's claim.
+    for token in [&worker_1_token, &child.token] {
+        let complete = Operation::CompleteTask { task: claimed.task, attempt: claimed.attempt, result: "x".into() };
+        let refused = submit(&worker_1.bus(), token, op_id(), complete).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Forbidden, "{refused:?}");
+    }
+
+    // 50 children under distinct names spend one budget, worker-1's: at most the burst of ten
+    // and what refills meanwhile get through.
+    let mut children = Vec::new();
+    for i in 0..50 {
+        children.push(delegate(&format!("worker-1/c{i}")).await.unwrap().token);
+    }
+    let claims = children.iter().map(|token| {
+        let op = Operation::ClaimTask { queue: "q".parse().unwrap(), worker: "w1".into() };
+        submit(&stack.client, token, op_id(), op)
+    });
+    let outcomes = futures::future::join_all(claims).await;
+    let limited = outcomes.iter().filter(|o| o.as_ref().is_err_and(|e| e.code == ErrorCode::RateLimited)).count();
+    assert!(limited >= 35, "{limited} of 50 rate-limited: {outcomes:?}");
+}

@@ -2,6 +2,7 @@
 
 use toka_contract::TokenId;
 use toka_contract::api::auth::Claims;
+use toka_contract::spec::Principal;
 
 /// Why a delegation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,17 +32,39 @@ pub enum Error {
         /// When the parent expires.
         parent_exp: u64,
     },
+    /// The child would be named outside its parent's name.
+    #[error("a child is named {parent} or {parent}/<suffix>, not {asked}")]
+    ForeignName {
+        /// The parent's subject.
+        parent: String,
+        /// The name asked for.
+        asked: String,
+    },
 }
 
-/// The claims of a child of `parent`: a subset of its capabilities, a lifetime that ends no
+/// The subject a client may give a child of `parent`: the parent's own (when `asked` is none)
+/// or a name under it, `<parent's sub>/<suffix>`. Any other name would let a holder act as
+/// another principal (complete another worker's claim, appear as someone else in the audit
+/// log); agents' names are given by the kernel alone.
+pub fn child_name(parent: &Claims, asked: Option<Principal>) -> Result<Principal, Error> {
+    let Some(asked) = asked else { return Ok(parent.sub.clone()) };
+    let under = asked
+        .as_str()
+        .strip_prefix(parent.sub.as_str())
+        .is_some_and(|rest| rest.is_empty() || (rest.len() > 1 && rest.starts_with('/')));
+    if under { Ok(asked) } else { Err(Error::ForeignName { parent: parent.sub.to_string(), asked: asked.to_string() }) }
+}
+
+/// The claims of a child of `parent` named `sub`: a subset of its capabilities, a lifetime that ends no
 /// later than the parent's (a longer one is refused, not shortened), one more link in the
-/// chain, under the depth cap, one-time if asked or if the parent is. `lineage` answers
+/// chain, under the depth cap, one-time if asked or if the parent is, with the parent's root.
+/// `lineage` answers
 /// descent between agents where the caller knows the tree (the kernel); auth, which does not,
 /// passes [`toka_contract::capability::NoLineage`].
 #[allow(clippy::too_many_arguments)]
 pub fn delegate(
     parent: &Claims,
-    sub: Option<toka_contract::spec::Principal>,
+    sub: Principal,
     caps: Vec<toka_contract::capability::Capability>,
     ttl_s: u64,
     once: bool,
@@ -71,7 +94,7 @@ pub fn delegate(
     chain.push(parent.jti);
     Ok(Claims {
         iss: parent.iss.clone(),
-        sub: sub.unwrap_or_else(|| parent.sub.clone()),
+        sub,
         aud: parent.aud.clone(),
         exp,
         nbf: now_s.max(parent.nbf),
@@ -82,6 +105,7 @@ pub fn delegate(
         depth: depth as u8,
         // A one-time token's children are one-time: none launders it into a reusable one.
         once: once || parent.once,
+        root: Some(parent.root().clone()),
     })
 }
 
@@ -109,7 +133,17 @@ mod tests {
     }
 
     fn child_of(parent: &Claims, ttl_s: u64, max_depth: u8) -> Result<Claims, Error> {
-        delegate(parent, None, read_one(), ttl_s, false, TokenId::from_u128(2), NOW, max_depth, &NoLineage)
+        delegate(
+            parent,
+            parent.sub.clone(),
+            read_one(),
+            ttl_s,
+            false,
+            TokenId::from_u128(2),
+            NOW,
+            max_depth,
+            &NoLineage,
+        )
     }
 
     #[test]
@@ -130,17 +164,19 @@ mod tests {
                 chain: vec![parent.jti],
                 depth: 1,
                 once: false,
+                root: Some(parent.sub.clone()),
             }
         );
         let grandchild =
-            delegate(&child, None, read_one(), 30, true, TokenId::from_u128(3), NOW, 5, &NoLineage).unwrap();
+            delegate(&child, child.sub.clone(), read_one(), 30, true, TokenId::from_u128(3), NOW, 5, &NoLineage)
+                .unwrap();
         assert_eq!(
             (grandchild.depth, grandchild.chain, grandchild.exp, grandchild.once),
             (2, vec![parent.jti, child.jti], NOW + 30, true)
         );
         let named = delegate(
             &parent,
-            Some("agent-7".parse().unwrap()),
+            "agent-7".parse().unwrap(),
             read_one(),
             60,
             false,
@@ -151,6 +187,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(named.sub.as_str(), "agent-7");
+    }
+
+    #[test]
+    fn a_child_is_named_as_its_parent_or_under_it_and_keeps_the_root() {
+        let parent = parent();
+        let name = |asked: &str| child_name(&parent, Some(asked.parse().unwrap()));
+        assert_eq!(child_name(&parent, None).unwrap(), parent.sub);
+        let sub = parent.sub.to_string();
+        for ok in [sub.clone(), format!("{sub}/a"), format!("{sub}/a/b")] {
+            assert_eq!(name(&ok).unwrap().as_str(), ok);
+        }
+        for refused in ["admin".to_owned(), format!("{sub}x"), format!("{sub}-2"), format!("x{sub}")] {
+            assert!(matches!(name(&refused), Err(Error::ForeignName { .. })), "{refused}");
+        }
+        let child = child_of(&parent, 60, 5).unwrap();
+        let renamed = Claims { sub: format!("{sub}/a").parse().unwrap(), ..child };
+        let grandchild = child_of(&renamed, 30, 5).unwrap();
+        assert_eq!((grandchild.root(), parent.root()), (&parent.sub, &parent.sub), "the root stays the top's");
     }
 
     #[test]
@@ -192,11 +246,11 @@ mod tests {
         let parent = parent();
         let wider = vec![Capability::new(Pattern::AnyAgent, &[Action::Terminate])];
         assert!(matches!(
-            delegate(&parent, None, wider, 60, false, TokenId::from_u128(4), NOW, 5, &NoLineage),
+            delegate(&parent, parent.sub.clone(), wider, 60, false, TokenId::from_u128(4), NOW, 5, &NoLineage),
             Err(Error::Widened(_))
         ));
         assert_eq!(
-            delegate(&parent, None, Vec::new(), 60, false, TokenId::from_u128(6), NOW, 5, &NoLineage),
+            delegate(&parent, parent.sub.clone(), Vec::new(), 60, false, TokenId::from_u128(6), NOW, 5, &NoLineage),
             Err(Error::Empty)
         );
     }

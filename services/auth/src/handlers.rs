@@ -5,10 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use toka_contract::api::auth::{
-    Claims, Credential, DelegateRequest, Heartbeat, IssueRequest, RevokeReply, RevokeRequest, RotateReply,
-    RotateRequest, TokenReply,
+    AgentTokenRequest, Claims, Credential, DelegateRequest, Heartbeat, IssueRequest, RevokeReply, RevokeRequest,
+    RotateReply, RotateRequest, TokenReply,
 };
-use toka_contract::capability::{self, Action, NoLineage, Target};
+use toka_contract::capability::{self, Action, Capability, NoLineage, Target};
 use toka_contract::spec::Principal;
 use toka_contract::wire::{ErrorCode, WireError};
 use toka_contract::{Event, TokenId, subject};
@@ -186,6 +186,7 @@ impl Auth {
             chain: Vec::new(),
             depth: 0,
             once: req.one_time,
+            root: None,
         };
         let token = self.sign(&claims)?;
         let expires_at_us = claims.exp * 1_000_000;
@@ -199,37 +200,68 @@ impl Auth {
         Ok(TokenReply { token, jti: claims.jti, expires_at_us, depth: 0 })
     }
 
+    /// `toka.auth.v1.delegate`: a child named as its parent or under it.
     pub(crate) async fn delegate(&self, req: DelegateRequest) -> Result<TokenReply, WireError> {
-        let parent = self.verify(&req.token).map_err(|e| {
+        let parent = self.delegating_parent(&req.token)?;
+        let sub = delegation::child_name(&parent, req.sub).map_err(|e| self.refuse_delegation(&parent, &e))?;
+        self.delegate_to(parent, sub, req.capabilities, req.ttl_ms, req.one_time).await
+    }
+
+    /// `toka.auth.v1.agent_token`: the kernel's request for a spawned agent's token, named
+    /// `agent:<id>` on its word (no one else may publish the subject).
+    pub(crate) async fn agent_token(&self, req: AgentTokenRequest) -> Result<TokenReply, WireError> {
+        let parent = self.delegating_parent(&req.token)?;
+        let sub = format!("agent:{}", req.agent)
+            .parse()
+            .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("agent {}: {e}", req.agent)))?;
+        self.delegate_to(parent, sub, req.capabilities, req.ttl_ms, false).await
+    }
+
+    /// The verified claims of a token to delegate from, within its root's delegation budget.
+    fn delegating_parent(&self, token: &str) -> Result<Claims, WireError> {
+        let parent = self.verify(token).map_err(|e| {
             self.ledger.deny(UNVERIFIED, "token.delegate", "token:*", &e.to_string());
             WireError::from(&e)
         })?;
-        self.limit("delegate", parent.sub.as_str())?;
-        let ttl_s = self.ttl_s(req.ttl_ms)?;
+        self.limit("delegate", parent.root().as_str())?;
+        Ok(parent)
+    }
+
+    fn refuse_delegation(&self, parent: &Claims, e: &delegation::Error) -> WireError {
+        let resource = format!("token:{}", parent.jti);
+        self.ledger.deny(parent.sub.as_str(), "token.delegate", &resource, &e.to_string());
+        WireError::new(ErrorCode::Forbidden, format!("delegation refused: {e}"))
+    }
+
+    async fn delegate_to(
+        &self,
+        parent: Claims,
+        sub: Principal,
+        capabilities: Vec<Capability>,
+        ttl_ms: u64,
+        one_time: bool,
+    ) -> Result<TokenReply, WireError> {
+        let ttl_s = self.ttl_s(ttl_ms)?;
         // Descent is read from the kernel log only when a capability is not covered without it
         // (a parent holding `agent:*` needs no tree).
-        let lineage = if capability::first_uncovered(&req.capabilities, &parent.caps, &NoLineage).is_some() {
-            lineage::lineage_of(&self.bus, &req.capabilities).await?
+        let lineage = if capability::first_uncovered(&capabilities, &parent.caps, &NoLineage).is_some() {
+            lineage::lineage_of(&self.bus, &capabilities).await?
         } else {
             lineage::LogLineage::default()
         };
         let now = now_us();
         let claims = delegation::delegate(
             &parent,
-            req.sub,
-            req.capabilities,
+            sub,
+            capabilities,
             ttl_s,
-            req.one_time,
+            one_time,
             fresh_jti(now)?,
             now / 1_000_000,
             self.config.max_delegation_depth,
             &lineage,
         )
-        .map_err(|e| {
-            let resource = format!("token:{}", parent.jti);
-            self.ledger.deny(parent.sub.as_str(), "token.delegate", &resource, &e.to_string());
-            WireError::new(ErrorCode::Forbidden, format!("delegation refused: {e}"))
-        })?;
+        .map_err(|e| self.refuse_delegation(&parent, &e))?;
         let token = self.sign(&claims)?;
         let expires_at_us = claims.exp * 1_000_000;
         let event = Event::TokenDelegated {
@@ -269,11 +301,15 @@ impl Auth {
                     self.ledger.deny(claims.sub.as_str(), "token.revoke", &resource, &e.message);
                     return Err(e);
                 }
+                self.limit("revoke", claims.root().as_str())?;
                 claims.sub
             }
-            admin @ Credential::AdminKey(_) => self.authenticate(admin, Action::Revoke, "token.revoke")?,
+            admin @ Credential::AdminKey(_) => {
+                let principal = self.authenticate(admin, Action::Revoke, "token.revoke")?;
+                self.limit("revoke", principal.as_str())?;
+                principal
+            }
         };
-        self.limit("revoke", principal.as_str())?;
         if self.ledger.fold(|r| r.is_revoked(&req.jti)) {
             return Ok(RevokeReply { jti: req.jti, epoch: self.ledger.fold(Revocations::epoch) });
         }

@@ -182,6 +182,7 @@ async fn connect_callout(config: &Config) -> Result<(Option<Arc<Callout>>, Optio
 async fn register(host: &mut Host, auth: &Arc<Auth>) -> Result<(), Error> {
     host.serve(subject::AUTH_ISSUE, auth, |a, req| async move { a.issue(req).await }).await?;
     host.serve(subject::AUTH_DELEGATE, auth, |a, req| async move { a.delegate(req).await }).await?;
+    host.serve(subject::AUTH_AGENT_TOKEN, auth, |a, req| async move { a.agent_token(req).await }).await?;
     host.serve(subject::AUTH_REVOKE, auth, |a, req| async move { a.revoke(req).await }).await?;
     host.serve(subject::AUTH_ROTATE, auth, |a, req| async move { a.rotate(req).await }).await?;
     host.serve(subject::AUTH_JWKS, auth, |a, _: JwksRequest| {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
-use toka_contract::api::auth::{Claims, DelegateRequest, TokenReply};
+use toka_contract::api::auth::{AgentTokenRequest, Claims, TokenReply};
 use toka_contract::api::kernel::{
     StatusReply, StatusRequest, SubmitBatchReply, SubmitBatchRequest, SubmitReply, SubmitRequest,
 };
@@ -58,7 +58,7 @@ impl Kernel {
     /// The claims of `token`, within the rate limit of `class`.
     pub(crate) async fn caller(&self, token: &str, class: &str) -> Result<Claims, WireError> {
         let claims = self.verified(token, class).await?;
-        self.limits.check(class, claims.sub.as_str())?;
+        self.limits.check(class, claims.root().as_str())?;
         Ok(claims)
     }
 
@@ -147,15 +147,8 @@ impl Kernel {
         if ttl_ms < 1_000 {
             return None;
         }
-        let sub = format!("agent:{agent}").parse().ok()?;
-        let request = DelegateRequest {
-            token: token.to_owned(),
-            sub: Some(sub),
-            capabilities: vec![capability],
-            ttl_ms,
-            one_time: false,
-        };
-        match self.bus.request::<_, TokenReply>(subject::AUTH_DELEGATE.subject, &request).await {
+        let request = AgentTokenRequest { token: token.to_owned(), agent, capabilities: vec![capability], ttl_ms };
+        match self.bus.request::<_, TokenReply>(subject::AUTH_AGENT_TOKEN.subject, &request).await {
             Ok(reply) => Some(reply.token),
             Err(e) => {
                 tracing::warn!(%agent, error = %e, "no token for the spawned agent");
@@ -170,7 +163,7 @@ impl Kernel {
         let mut waits = Vec::with_capacity(req.ops.len());
         for item in req.ops {
             let op_type = item.op.type_name();
-            let queued = match self.limits.check("submit", claims.sub.as_str()) {
+            let queued = match self.limits.check("submit", claims.root().as_str()) {
                 Ok(()) => self.submit_one(&claims, item.op_id, item.op).await,
                 Err(e) => Err(e),
             };

@@ -225,7 +225,7 @@ pub fn permissions(role: Role) -> Permissions {
                 STORAGE_HEAD,
                 STORAGE_SNAPSHOT_PUT,
                 STORAGE_SNAPSHOT_GET,
-                AUTH_DELEGATE,
+                AUTH_AGENT_TOKEN,
                 AUTH_JWKS,
                 AUTH_REVOCATIONS,
             ]));
@@ -441,6 +441,18 @@ mod tests {
             assert_eq!(may_publish(role, kernel_log), role == Role::Kernel, "{role:?}");
             assert_eq!(may_publish(role, audit_log), matches!(role, Role::Kernel | Role::Auth), "{role:?}");
         }
+    }
+
+    #[test]
+    fn only_the_kernel_names_agents_tokens() {
+        for role in Role::ALL {
+            assert_eq!(may_publish(role, subject::AUTH_AGENT_TOKEN.subject), role == Role::Kernel, "{role:?}");
+        }
+        let everything = [
+            Capability::new(Pattern::AnyAgent, &[Action::Spawn, Action::Read]),
+            Capability::new(Pattern::Tokens, &[Action::Issue, Action::Rotate]),
+        ];
+        assert!(!token_may(&everything, subject::AUTH_AGENT_TOKEN.subject));
     }
 
     #[test]

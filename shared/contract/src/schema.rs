@@ -34,6 +34,7 @@ macro_rules! schema_files {
 
 /// Every file under `schemas/`, by path, with its contents.
 pub const FILES: &[(&str, &str)] = schema_files![
+    "api/auth.agent_token.request.v1.json",
     "api/auth.delegate.request.v1.json",
     "api/auth.heartbeat.v1.json",
     "api/auth.issue.request.v1.json",
@@ -340,6 +341,7 @@ contracts! {
         storage::StatusRequest => "api/storage.status.request.v1.json",
         auth::IssueRequest => "api/auth.issue.request.v1.json",
         auth::DelegateRequest => "api/auth.delegate.request.v1.json",
+        auth::AgentTokenRequest => "api/auth.agent_token.request.v1.json",
         auth::RevokeRequest => "api/auth.revoke.request.v1.json",
         auth::JwksRequest => "api/auth.jwks.request.v1.json",
         auth::RotateRequest => "api/auth.rotate.request.v1.json",

@@ -96,6 +96,8 @@ endpoints! {
     AUTH_ISSUE = "auth", "issue";
     /// Delegate a narrower child token.
     AUTH_DELEGATE = "auth", "delegate";
+    /// A token for an agent the kernel spawned (only the kernel may ask).
+    AUTH_AGENT_TOKEN = "auth", "agent_token";
     /// Revoke a token and its descendants.
     AUTH_REVOKE = "auth", "revoke";
     /// The public signing keys (JWKS).

@@ -102,5 +102,6 @@ pub fn claims(jti: u128, now_s: u64) -> Claims {
         chain: Vec::new(),
         depth: 0,
         once: false,
+        root: None,
     }
 }

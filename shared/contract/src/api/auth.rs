@@ -7,9 +7,9 @@ pub const AUDIENCE: &str = "toka";
 /// The issuer of every Toka token (`iss`).
 pub const ISSUER: &str = "toka-auth";
 
-use crate::TokenId;
 use crate::capability::Capability;
 use crate::spec::Principal;
+use crate::{AgentId, TokenId};
 
 /// How a caller of an administrative endpoint proves itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,13 +52,30 @@ pub struct TokenReply {
     pub depth: u8,
 }
 
+/// `toka.auth.v1.agent_token`: a token for an agent the kernel has just spawned, delegated from
+/// the spawner's with the subject `agent:<agent>`. Only the kernel's NATS user may publish
+/// this subject, which is how auth knows the name is the kernel's word.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTokenRequest {
+    /// The spawner's token.
+    pub token: String,
+    /// The agent spawned.
+    pub agent: AgentId,
+    /// What the agent's token allows; each must be covered by one of the spawner's.
+    pub capabilities: Vec<Capability>,
+    /// Lifetime in milliseconds; never past the spawner's token.
+    pub ttl_ms: u64,
+}
+
 /// `toka.auth.v1.delegate`: a child of `token` with a subset of its capabilities.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DelegateRequest {
     /// The parent token, held by the caller.
     pub token: String,
-    /// The child's subject (default: the parent's).
+    /// The child's subject: the parent's (the default) or a name under it,
+    /// `<parent's sub>/<suffix>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sub: Option<Principal>,
     /// What the child allows; each must be covered by one of the parent's.
@@ -216,4 +233,15 @@ pub struct Claims {
     /// Accepted only once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub once: bool,
+    /// The principal at the top of the chain (the issued token's subject); absent on an issued
+    /// token, whose `sub` it is. Rate limits are kept per root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<Principal>,
+}
+
+impl Claims {
+    /// The principal at the top of the chain: what limits are kept by.
+    pub fn root(&self) -> &Principal {
+        self.root.as_ref().unwrap_or(&self.sub)
+    }
 }

@@ -460,7 +460,10 @@ async fn a_client_token_reads_kernel_events_by_direct_get_and_touches_no_other_j
         ["bucket info", "$JS.API.STREAM.INFO.KV_toka_kernel", null],
         ["bucket create", "$JS.API.STREAM.CREATE.KV_spy", {"name": "KV_spy", "subjects": ["$KV.spy.>"]}],
         ["bucket write", "$KV.toka_kernel.sequencer", {}],
-        ["account info", "$JS.API.INFO", null]
+        ["account info", "$JS.API.INFO", null],
+        // Not JetStream, but as closed to a client: naming an agent's token is the kernel's.
+        ["agent token", "toka.auth.v1.agent_token", {"token": reader, "agent": agent.to_string(),
+            "capabilities": [{"resource": "agent:*", "actions": ["read"]}], "ttl_ms": 60_000}]
     ]);
     let report = probe_jetstream(&python, &stack, &reader, &requests, &["toka.evt.audit.>", "toka.live.audit.>"]).await;
     // The positive controls: the stream's history, read as a reader reads it.

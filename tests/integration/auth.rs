@@ -608,7 +608,9 @@ async fn a_verifier_follows_revocations_and_rotations_and_fails_closed_when_auth
     };
     let auth = stack.auth(tweak).await;
     let config = VerifierConfig { leeway_s: 0, jwks_refetch_ms: 60_000, max_silence_ms: 1_000 };
-    let verifier = LiveVerifier::start(&stack.client, config).await.unwrap();
+    // As the kernel verifies: its user reads keys and revocations on the services' subjects.
+    let kernel_bus = stack.nats.connect(Role::Kernel).await;
+    let verifier = LiveVerifier::start(&kernel_bus, config).await.unwrap();
     let token = stack.issue(&read_agents(), 60_000).await;
     assert_eq!(verifier.verify(&token.token).await.unwrap().jti, token.jti);
 

@@ -69,13 +69,22 @@ pub(crate) struct Stack {
 
 impl Stack {
     pub(crate) async fn start(tag: &str) -> Option<Stack> {
+        Self::start_with(tag, |_| {}).await
+    }
+
+    /// A stack whose auth is configured by `tweak` as well.
+    pub(crate) async fn start_with(tag: &str, tweak: impl FnOnce(&mut toka_auth::AuthConfig)) -> Option<Stack> {
         let nats = Nats::start().await?;
         let dir = temp_dir(tag);
         let storage = start_storage(&nats, &dir.path().join("storage")).await;
         let admin_key = toka_runtime::deploy::new_admin_key().unwrap();
         let key_file = dir.path().join("admin.key");
         toka_runtime::deploy::write_secret(&key_file, &admin_key).unwrap();
-        let auth = start_auth(&nats, &dir.path().join("keys"), move |c| c.admin_key_file = Some(key_file)).await;
+        let auth = start_auth(&nats, &dir.path().join("keys"), move |c| {
+            c.admin_key_file = Some(key_file);
+            tweak(c);
+        })
+        .await;
         let operators = nats.connect(Role::Operator).await;
         let token = issue(&operators, &admin_key, "client", everything(), Duration::from_secs(3_600)).await;
         let client = nats.client(&token).await.bus().clone();
@@ -105,6 +114,14 @@ impl Stack {
         };
         let _: toka_contract::api::auth::RevokeReply =
             self.operators.request(subject::AUTH_REVOKE.subject, &request).await.unwrap();
+    }
+
+    /// Rotates auth's signing key with the admin key.
+    pub(crate) async fn rotate(&self) {
+        let request =
+            toka_contract::api::auth::RotateRequest { credential: Credential::AdminKey(self.admin_key.clone()) };
+        let _: toka_contract::api::auth::RotateReply =
+            self.operators.request(subject::AUTH_ROTATE.subject, &request).await.unwrap();
     }
 
     pub(crate) async fn operator(&self) -> String {
@@ -783,4 +800,63 @@ async fn a_token_names_its_children_under_its_own_name_and_they_share_its_budget
     let outcomes = futures::future::join_all(claims).await;
     let limited = outcomes.iter().filter(|o| o.as_ref().is_err_and(|e| e.code == ErrorCode::RateLimited)).count();
     assert!(limited >= 35, "{limited} of 50 rate-limited: {outcomes:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_the_keys_starves_no_verifier() {
+    use toka_contract::api::auth::{JwksReply, JwksRequest};
+    // Clients share 5 key reads a second; the services' verifiers have a budget of their own.
+    let Some(stack) = Stack::start_with("kernel-jwks-flood", |c| {
+        c.rate_limits.insert("read".into(), toka_runtime::limit::Rate::new(5, 5));
+    })
+    .await
+    else {
+        return;
+    };
+    let flooder = stack.nats.client(&stack.token("flooder", everything()).await).await.bus();
+    // 4 000 reads of the keys in about 4 s from one client, steadily: 20 loops of 200 requests,
+    // 15 ms apart; how often it was refused, and when it ended.
+    let flood = || {
+        let bus = flooder.clone();
+        async move {
+            let loops = (0..20).map(|_| {
+                let bus = bus.clone();
+                async move {
+                    let mut limited = 0;
+                    for _ in 0..200 {
+                        let reply = bus.request::<_, JwksReply>(subject::AUTH_JWKS.subject, &JwksRequest {}).await;
+                        limited += usize::from(reply.is_err_and(|e| e.to_wire().code == ErrorCode::RateLimited));
+                        tokio::time::sleep(Duration::from_millis(15)).await;
+                    }
+                    limited
+                }
+            });
+            let limited: usize = futures::future::join_all(loops).await.into_iter().sum();
+            (limited, tokio::time::Instant::now())
+        }
+    };
+    // A kernel starting meanwhile reads the keys and revocations and is ready while the flood
+    // goes on.
+    let starting = async {
+        let kernel = start_kernel(&stack.nats, "k").await;
+        (kernel, tokio::time::Instant::now())
+    };
+    let ((limited, flood_ended), (kernel, ready_at)) = tokio::join!(flood(), starting);
+    assert!(limited >= 3_000, "the flooder was limited {limited} times of 4 000");
+    assert!(ready_at < flood_ended, "the kernel became ready only after the flood");
+
+    // A rotation under a second flood: a token signed with the new key verifies at the kernel
+    // while the flood goes on (the kernel refetches the keys when it hears of the rotation).
+    let again = tokio::spawn(flood());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.rotate().await;
+    let fresh = stack.operator().await;
+    let client = toka_client::Client::new(stack.client.clone(), fresh)
+        .with_retry(toka_client::Retry { attempts: 1, ..toka_client::Retry::default() });
+    assert_eventually!(Duration::from_secs(5), client.status().await.is_ok(), "a token of the new key verifies");
+    let verified_at = tokio::time::Instant::now();
+    let (limited, flood_ended) = again.await.unwrap();
+    assert!(limited >= 3_000, "the second flood was limited {limited} times");
+    assert!(verified_at < flood_ended, "the new key verified only after the flood");
+    drop(kernel);
 }

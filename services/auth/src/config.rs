@@ -35,8 +35,9 @@ pub struct AuthConfig {
     pub audit_interval_ms: u64,
     /// This replica's name (letters, digits, `-`, `_`); random when empty.
     pub instance: String,
-    /// Rate limits per principal for each operation class: `issue`, `delegate`, `revoke`,
-    /// `rotate`, and `read` (JWKS and revocations, for all callers together).
+    /// Rate limits for each operation class: `issue`, `rotate` (per caller), `delegate`,
+    /// `revoke` (per token root), `read` (JWKS and revocations for clients, all together) and
+    /// `service_read` (the same for the services' verifiers, on their own subjects).
     pub rate_limits: BTreeMap<String, Rate>,
     /// The NATS auth callout, which admits clients connecting with a token.
     pub callout: CalloutConfig,
@@ -86,6 +87,7 @@ impl Default for AuthConfig {
                 ("revoke".to_owned(), Rate::new(100, 200)),
                 ("rotate".to_owned(), Rate::new(1, 3)),
                 ("read".to_owned(), Rate::new(1_000, 2_000)),
+                ("service_read".to_owned(), Rate::new(1_000, 2_000)),
             ]),
             callout: CalloutConfig::default(),
         }

@@ -185,17 +185,25 @@ async fn register(host: &mut Host, auth: &Arc<Auth>) -> Result<(), Error> {
     host.serve(subject::AUTH_AGENT_TOKEN, auth, |a, req| async move { a.agent_token(req).await }).await?;
     host.serve(subject::AUTH_REVOKE, auth, |a, req| async move { a.revoke(req).await }).await?;
     host.serve(subject::AUTH_ROTATE, auth, |a, req| async move { a.rotate(req).await }).await?;
-    host.serve(subject::AUTH_JWKS, auth, |a, _: JwksRequest| {
-        let reply = a.limit("read", "anyone").map(|()| read(&a.ring).jwks(now_us()));
-        async move { reply }
-    })
-    .await?;
-    host.serve(subject::AUTH_REVOCATIONS, auth, |a, _: RevocationsRequest| {
-        let reply: Result<RevocationsReply, WireError> =
-            a.limit("read", "anyone").map(|()| a.ledger.fold_mut(|r| r.in_force(now_us())));
-        async move { reply }
-    })
-    .await?;
+    // The keys and revocations, twice: for clients, who share the `read` budget, and for the
+    // services' verifiers, on subjects only services may publish to, with a budget of their own
+    // (`service_read`), so no client flood keeps a kernel from starting or following a rotation.
+    for (endpoint, class) in [(subject::AUTH_JWKS, "read"), (subject::AUTH_SERVICE_JWKS, "service_read")] {
+        host.serve(endpoint, auth, move |a, _: JwksRequest| {
+            let reply = a.limit(class, "anyone").map(|()| read(&a.ring).jwks(now_us()));
+            async move { reply }
+        })
+        .await?;
+    }
+    for (endpoint, class) in [(subject::AUTH_REVOCATIONS, "read"), (subject::AUTH_SERVICE_REVOCATIONS, "service_read")]
+    {
+        host.serve(endpoint, auth, move |a, _: RevocationsRequest| {
+            let reply: Result<RevocationsReply, WireError> =
+                a.limit(class, "anyone").map(|()| a.ledger.fold_mut(|r| r.in_force(now_us())));
+            async move { reply }
+        })
+        .await?;
+    }
     Ok(())
 }
 

@@ -226,8 +226,8 @@ pub fn permissions(role: Role) -> Permissions {
                 STORAGE_SNAPSHOT_PUT,
                 STORAGE_SNAPSHOT_GET,
                 AUTH_AGENT_TOKEN,
-                AUTH_JWKS,
-                AUTH_REVOCATIONS,
+                AUTH_SERVICE_JWKS,
+                AUTH_SERVICE_REVOCATIONS,
             ]));
             // Counting its standbys for `toka.kernel.v1.status`.
             publish.push(format!("$SRV.PING.{}", service::KERNEL));
@@ -440,6 +440,17 @@ mod tests {
         for role in Role::ALL {
             assert_eq!(may_publish(role, kernel_log), role == Role::Kernel, "{role:?}");
             assert_eq!(may_publish(role, audit_log), matches!(role, Role::Kernel | Role::Auth), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn only_services_read_keys_and_revocations_on_their_own_subjects() {
+        for subject in [subject::AUTH_SERVICE_JWKS.subject, subject::AUTH_SERVICE_REVOCATIONS.subject] {
+            for role in Role::ALL {
+                assert_eq!(may_publish(role, subject), role == Role::Kernel, "{role:?} {subject}");
+            }
+            let everything = [Capability::new(Pattern::Tokens, &[Action::Issue, Action::Rotate, Action::Revoke])];
+            assert!(!token_may(&everything, subject), "{subject}");
         }
     }
 

@@ -106,6 +106,10 @@ endpoints! {
     AUTH_ROTATE = "auth", "rotate";
     /// Every revocation still in force, with the epoch.
     AUTH_REVOCATIONS = "auth", "revocations";
+    /// The JWKS, for the services' verifiers only (a budget no client can spend).
+    AUTH_SERVICE_JWKS = "auth", "service.jwks";
+    /// The revocations, for the services' verifiers only.
+    AUTH_SERVICE_REVOCATIONS = "auth", "service.revocations";
 }
 
 /// The endpoint that appends to `log`.

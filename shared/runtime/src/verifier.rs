@@ -94,11 +94,11 @@ pub trait AuthSource: Clone + Send + Sync + 'static {
 
 impl AuthSource for Bus {
     async fn jwks(&self) -> Result<JwksReply, RequestError> {
-        self.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await
+        self.request(subject::AUTH_SERVICE_JWKS.subject, &JwksRequest {}).await
     }
 
     async fn revocations(&self) -> Result<RevocationsReply, RequestError> {
-        self.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest {}).await
+        self.request(subject::AUTH_SERVICE_REVOCATIONS.subject, &RevocationsRequest {}).await
     }
 
     async fn notices(&self) -> Result<BoxStream<'static, Notice>, StartError> {

@@ -285,6 +285,8 @@ impl Auth {
                     self.ledger.deny(UNVERIFIED, "token.revoke", &resource, &e.to_string());
                     WireError::from(&e)
                 })?;
+                // Limited before any lookup in the log, per the chain's root.
+                self.limit("revoke", claims.root().as_str())?;
                 let allowed = claims.jti == req.jti
                     || capability::allows(&claims.caps, Action::Revoke, Target::Tokens, &NoLineage)
                     || lineage::ancestors(&self.bus, req.jti, usize::from(self.config.max_delegation_depth))
@@ -301,7 +303,6 @@ impl Auth {
                     self.ledger.deny(claims.sub.as_str(), "token.revoke", &resource, &e.message);
                     return Err(e);
                 }
-                self.limit("revoke", claims.root().as_str())?;
                 claims.sub
             }
             admin @ Credential::AdminKey(_) => {

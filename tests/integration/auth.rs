@@ -424,7 +424,7 @@ async fn the_attack_suite_is_refused_through_the_service() {
 
     // The revocations are in the log and fetchable, with the epoch.
     let revocations: RevocationsReply =
-        stack.client.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest {}).await.unwrap();
+        stack.client.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest::default()).await.unwrap();
     assert_eq!(revocations.epoch, epoch);
     let revoked: Vec<_> = revocations.revoked.iter().map(|r| r.jti).collect();
     assert!(revoked.contains(&good.jti) && revoked.contains(&kid_token.jti), "{revoked:?}");
@@ -517,7 +517,7 @@ async fn keys_rotate_across_their_overlap_survive_restarts_and_replicas_agree() 
     let a = stack.auth(tweak("a")).await;
     assert_eq!(stack.jwks().await, before);
     let revocations: RevocationsReply =
-        stack.client.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest {}).await.unwrap();
+        stack.client.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest::default()).await.unwrap();
     assert!(revocations.revoked.iter().any(|r| r.jti == new.jti), "{revocations:?}");
     assert_eq!(revocations.epoch, 1);
     assert_refused(

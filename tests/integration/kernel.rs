@@ -860,3 +860,41 @@ async fn a_client_flooding_the_keys_starves_no_verifier() {
     assert!(verified_at < flood_ended, "the new key verified only after the flood");
     drop(kernel);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_read_page_by_page_and_a_restarted_kernel_loads_every_page() {
+    use toka_contract::api::auth::{RevocationsReply, RevocationsRequest};
+    let Some(stack) = Stack::start_with("kernel-revocation-pages", |c| c.revocations_page = 5).await else { return };
+    let mut revoked = Vec::new();
+    for i in 0..23 {
+        let token = stack.token(&format!("revoked-{i}"), everything()).await;
+        let jti: toka_contract::TokenId = toka_runtime::token::unverified_jti(&token).unwrap().parse().unwrap();
+        stack.revoke(jti).await;
+        revoked.push((jti, token));
+    }
+    // Page by page, in jti order, five at most each.
+    let mut seen = Vec::new();
+    let mut request = RevocationsRequest::default();
+    loop {
+        let page: RevocationsReply =
+            stack.operators.request(subject::AUTH_REVOCATIONS.subject, &request).await.unwrap();
+        assert!(page.revoked.len() <= 5, "a page of {}", page.revoked.len());
+        assert_eq!(page.epoch, 23);
+        seen.extend(page.revoked.iter().map(|r| r.jti));
+        match page.next {
+            Some(next) => request = RevocationsRequest { after: Some(next), limit: Some(50) },
+            None => break,
+        }
+    }
+    let mut expected: Vec<_> = revoked.iter().map(|(jti, _)| *jti).collect();
+    expected.sort();
+    assert_eq!(seen, expected, "every revocation once, in order");
+
+    // A kernel starting now loads every page: the token on the last page is refused.
+    let (_kernel, _) = start_kernel(&stack.nats, "k").await;
+    let last = revoked.iter().max_by_key(|(jti, _)| *jti).unwrap();
+    let refused = toka_client::Client::new(stack.client.clone(), last.1.clone()).status().await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Unauthorized, "{refused:?}");
+    let control = toka_client::Client::new(stack.client.clone(), stack.operator().await);
+    control.status().await.expect("a token not revoked works");
+}

@@ -25,6 +25,9 @@ pub struct AuthConfig {
     pub max_token_ttl_ms: u64,
     /// The deepest delegation chain.
     pub max_delegation_depth: u8,
+    /// The most revocations one `toka.auth.v1.revocations` reply carries; verifiers read the set
+    /// page by page.
+    pub revocations_page: u32,
     /// Clock skew allowed on `exp` and `nbf`, in seconds.
     pub leeway_s: u64,
     /// How often the revocation heartbeat is published, in milliseconds.
@@ -76,6 +79,7 @@ impl Default for AuthConfig {
             rotate_every_ms: 24 * 3_600_000,
             max_token_ttl_ms: 24 * 3_600_000,
             max_delegation_depth: 5,
+            revocations_page: 1_000,
             leeway_s: 5,
             heartbeat_ms: 1_000,
             lease_ttl_ms: 15_000,

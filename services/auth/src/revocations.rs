@@ -52,16 +52,23 @@ impl Revocations {
         self.revoked.contains_key(jti)
     }
 
-    /// Every revocation in force at `now_us`, with the epoch; forgets the ones past their time.
-    pub fn in_force(&mut self, now_us: u64) -> RevocationsReply {
+    /// The revocations in force at `now_us` after `after` in `jti` order, at most `limit`, with
+    /// the epoch and where the next page starts; forgets the ones past their time.
+    pub fn in_force(&mut self, now_us: u64, after: Option<TokenId>, limit: usize) -> RevocationsReply {
         let ttl_us = self.ttl_us;
         self.revoked.retain(|_, at| at.saturating_add(ttl_us) > now_us);
-        let revoked = self
-            .revoked
-            .iter()
+        let from = match after {
+            Some(after) => std::ops::Bound::Excluded(after),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut page = self.revoked.range((from, std::ops::Bound::Unbounded));
+        let revoked: Vec<Revocation> = page
+            .by_ref()
+            .take(limit.max(1))
             .map(|(jti, at)| Revocation { jti: *jti, revoked_at_us: *at, expires_at_us: at.saturating_add(ttl_us) })
             .collect();
-        RevocationsReply { epoch: self.epoch, revoked }
+        let next = page.next().and(revoked.last().map(|r| r.jti));
+        RevocationsReply { epoch: self.epoch, revoked, next }
     }
 }
 
@@ -109,7 +116,7 @@ mod tests {
         r.apply(&Event::KeyRotated { kid: "k2".into(), previous_kid: None, retire_at_us: None }, 1_070);
         assert_eq!(r.epoch(), 3);
         assert!(r.is_revoked(&TokenId::from_u128(1)) && !r.is_revoked(&TokenId::from_u128(3)));
-        let reply = r.in_force(1_099);
+        let reply = r.in_force(1_099, None, 10);
         assert_eq!(
             reply.revoked,
             [
@@ -118,9 +125,27 @@ mod tests {
             ]
         );
         // At its expiry a revocation leaves the set; the epoch stays.
-        let reply = r.in_force(1_100);
+        let reply = r.in_force(1_100, None, 10);
         assert_eq!((reply.epoch, reply.revoked.len()), (3, 1));
         assert!(!r.is_revoked(&TokenId::from_u128(1)));
+    }
+
+    #[test]
+    fn the_set_is_read_in_pages_in_jti_order() {
+        let mut r = Revocations::new(1_000);
+        for jti in [5, 1, 4, 2, 3] {
+            r.apply(&revoked(jti, jti as u64), 10);
+        }
+        let jtis = |reply: &RevocationsReply| reply.revoked.iter().map(|r| r.jti).collect::<Vec<_>>();
+        let ids = |ids: &[u128]| ids.iter().map(|i| TokenId::from_u128(*i)).collect::<Vec<_>>();
+        let first = r.in_force(20, None, 2);
+        assert_eq!((jtis(&first), first.next, first.epoch), (ids(&[1, 2]), Some(TokenId::from_u128(2)), 5));
+        let second = r.in_force(20, first.next, 2);
+        assert_eq!((jtis(&second), second.next), (ids(&[3, 4]), Some(TokenId::from_u128(4))));
+        let last = r.in_force(20, second.next, 2);
+        assert_eq!((jtis(&last), last.next), (ids(&[5]), None), "the last page says there is no next");
+        let whole = r.in_force(20, None, 5);
+        assert_eq!((whole.revoked.len(), whole.next), (5, None), "a page that ends the set exactly has no next");
     }
 
     /// Two replicas revoking through one log get consecutive epochs and end with one set.
@@ -142,7 +167,7 @@ mod tests {
         b.tail();
         tokio::time::sleep(Duration::from_millis(1)).await;
         let now = toka_runtime::now_us();
-        assert_eq!(a.fold_mut(|r| r.in_force(now)), b.fold_mut(|r| r.in_force(now)));
+        assert_eq!(a.fold_mut(|r| r.in_force(now, None, 10)), b.fold_mut(|r| r.in_force(now, None, 10)));
         assert_eq!(a.fold(Revocations::epoch), 3);
         // A replica started later reads them back from the log.
         log.append_foreign(OpId::from_u128(9), vec![revoked(4, 4)]);

@@ -197,9 +197,10 @@ async fn register(host: &mut Host, auth: &Arc<Auth>) -> Result<(), Error> {
     }
     for (endpoint, class) in [(subject::AUTH_REVOCATIONS, "read"), (subject::AUTH_SERVICE_REVOCATIONS, "service_read")]
     {
-        host.serve(endpoint, auth, move |a, _: RevocationsRequest| {
+        host.serve(endpoint, auth, move |a, req: RevocationsRequest| {
+            let page = req.limit.map_or(a.config.revocations_page, |l| l.min(a.config.revocations_page)) as usize;
             let reply: Result<RevocationsReply, WireError> =
-                a.limit(class, "anyone").map(|()| a.ledger.fold_mut(|r| r.in_force(now_us())));
+                a.limit(class, "anyone").map(|()| a.ledger.fold_mut(|r| r.in_force(now_us(), req.after, page)));
             async move { reply }
         })
         .await?;

@@ -97,8 +97,19 @@ impl AuthSource for Bus {
         self.request(subject::AUTH_SERVICE_JWKS.subject, &JwksRequest {}).await
     }
 
+    /// Every page, one after the other. The epoch is the first page's: a revocation made while
+    /// the pages are read comes as an event (the notices are followed before the set is
+    /// fetched), and a later epoch in a heartbeat makes the verifier fetch again.
     async fn revocations(&self) -> Result<RevocationsReply, RequestError> {
-        self.request(subject::AUTH_SERVICE_REVOCATIONS.subject, &RevocationsRequest {}).await
+        let subject = subject::AUTH_SERVICE_REVOCATIONS.subject;
+        let mut all: RevocationsReply = self.request(subject, &RevocationsRequest::default()).await?;
+        while let Some(after) = all.next.take() {
+            let page: RevocationsReply =
+                self.request(subject, &RevocationsRequest { after: Some(after), limit: None }).await?;
+            all.revoked.extend(page.revoked);
+            all.next = page.next;
+        }
+        Ok(all)
     }
 
     async fn notices(&self) -> Result<BoxStream<'static, Notice>, StartError> {

@@ -165,10 +165,18 @@ pub struct RotateReply {
     pub retire_at_us: Option<u64>,
 }
 
-/// `toka.auth.v1.revocations` (the request body is `{}`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `toka.auth.v1.revocations`: a page of the revocations in force, in `jti` order (the first
+/// page for `{}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RevocationsRequest {}
+pub struct RevocationsRequest {
+    /// The page after this `jti` (a reply's `next`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<TokenId>,
+    /// At most this many (auth caps it at its page size, `auth.revocations_page`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
 
 /// One revocation in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -182,14 +190,17 @@ pub struct Revocation {
     pub expires_at_us: u64,
 }
 
-/// Every revocation in force.
+/// A page of the revocations in force.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationsReply {
     /// The revocation epoch (how many revocations ever).
     pub epoch: u64,
-    /// The revocations.
+    /// The revocations of this page, in `jti` order.
     pub revoked: Vec<Revocation>,
+    /// Where the next page starts (`after`), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<TokenId>,
 }
 
 /// Published on [`crate::subject::AUTH_HEARTBEAT`] every `interval_ms`.

@@ -52,7 +52,7 @@ impl AuthSource for Auth {
             .iter()
             .map(|j| Revocation { jti: TokenId::from_u128(*j), revoked_at_us: 0, expires_at_us: u64::MAX })
             .collect();
-        Ok(RevocationsReply { epoch: inner.epoch, revoked })
+        Ok(RevocationsReply { epoch: inner.epoch, revoked, next: None })
     }
 
     async fn notices(&self) -> Result<BoxStream<'static, Notice>, StartError> {

@@ -732,7 +732,7 @@ async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_lo
     let dir = temp_dir("audit-writers");
     let _storage = start_storage(&nats, dir.path()).await;
     let settings = Settings { interval: Duration::from_secs(1), commit_timeout: Duration::from_secs(10) };
-    let fold = Revocations::new(3_600_000_000);
+    let fold = Revocations::new(3_600_000_000, 5_000_000);
     let observer: toka_runtime::audit::Observer = std::sync::Arc::new(|_: &Event| {});
     // Two replicas of auth: each seals its batches on its own view of the head, with appends in
     // flight, so they conflict all the time and must settle through the log.
@@ -743,7 +743,7 @@ async fn two_writers_appending_at_once_each_get_every_decision_into_the_audit_lo
     let record = |ledger: Ledger<Revocations>, writer: &'static str, i: u32| async move {
         let entry = if i % 50 == 7 {
             let jti = TokenId::from_u128(u128::from(i) << 8 | u128::from(writer == "b"));
-            revocations::entry("load".parse().unwrap(), jti, writer.into())
+            revocations::entry("load".parse().unwrap(), jti, writer.into(), None)
         } else {
             Entry {
                 principal: "load".parse().unwrap(),

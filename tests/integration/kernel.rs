@@ -898,3 +898,25 @@ async fn revocations_are_read_page_by_page_and_a_restarted_kernel_loads_every_pa
     let control = toka_client::Client::new(stack.client.clone(), stack.operator().await);
     control.status().await.expect("a token not revoked works");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_kept_until_its_token_expires_not_for_the_longest_lifetime() {
+    use toka_contract::api::auth::{RevocationsReply, RevocationsRequest};
+    let Some(stack) = Stack::start_with("kernel-revocation-expiry", |c| c.leeway_s = 1).await else { return };
+    let short = stack.short_token("short", everything(), Duration::from_secs(2)).await;
+    let (_, exp) = toka_runtime::token::unverified_lifetime(&short).unwrap();
+    let jti: toka_contract::TokenId = toka_runtime::token::unverified_jti(&short).unwrap().parse().unwrap();
+    stack.revoke(jti).await;
+    let listed = || async {
+        let reply: RevocationsReply = stack
+            .operators
+            .request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest::default())
+            .await
+            .unwrap();
+        reply.revoked.into_iter().find(|r| r.jti == jti)
+    };
+    let entry = listed().await.expect("in force while the token lives");
+    assert_eq!(entry.expires_at_us, (exp + 1) * 1_000_000, "until the token's expiry and the leeway");
+    // Gone once the token can no longer verify, a day before the longest lifetime would end.
+    assert_eventually!(Duration::from_secs(6), listed().await.is_none(), "dropped after the token's expiry");
+}

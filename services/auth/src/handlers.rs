@@ -278,6 +278,7 @@ impl Auth {
 
     pub(crate) async fn revoke(&self, req: RevokeRequest) -> Result<RevokeReply, WireError> {
         let resource = format!("token:{}", req.jti);
+        let mut own_expiry = None;
         let principal = match &req.credential {
             // A holder may revoke its own token or any token delegated from it.
             Credential::Token(token) => {
@@ -303,6 +304,9 @@ impl Auth {
                     self.ledger.deny(claims.sub.as_str(), "token.revoke", &resource, &e.message);
                     return Err(e);
                 }
+                if claims.jti == req.jti {
+                    own_expiry = Some(claims.exp.saturating_mul(1_000_000));
+                }
                 claims.sub
             }
             admin @ Credential::AdminKey(_) => {
@@ -314,7 +318,14 @@ impl Auth {
         if self.ledger.fold(|r| r.is_revoked(&req.jti)) {
             return Ok(RevokeReply { jti: req.jti, epoch: self.ledger.fold(Revocations::epoch) });
         }
-        let committed = self.ledger.record(revocations::entry(principal, req.jti, req.reason)).await?;
+        // Kept until the token expires: its own, when it revokes itself, else as its issue or
+        // delegation recorded it (unknown: the longest token lifetime).
+        let expires_at_us = match own_expiry {
+            Some(exp) => Some(exp),
+            None => lineage::token_expiry(&self.bus, req.jti).await?,
+        };
+        let entry = revocations::entry(principal, req.jti, req.reason, expires_at_us);
+        let committed = self.ledger.record(entry).await?;
         let epoch = revocations::epoch_of(&committed.events).unwrap_or(0);
         Ok(RevokeReply { jti: req.jti, epoch: epoch.max(self.ledger.fold(Revocations::epoch)) })
     }

@@ -61,6 +61,21 @@ impl Lookups for Bus {
     }
 }
 
+/// When the token `jti` expires, as its `auth.token_delegated` or `auth.token_issued` event
+/// recorded it; `None` for a token auth never made (or whose record was compacted away).
+pub async fn token_expiry(bus: &Bus, jti: TokenId) -> Result<Option<u64>, WireError> {
+    if let Some(Event::TokenDelegated { jti: found, expires_at_us, .. }) =
+        first_event(bus, LogName::Audit, "auth.token_delegated", jti.to_string()).await?
+        && found == jti
+    {
+        return Ok(Some(expires_at_us));
+    }
+    Ok(match first_event(bus, LogName::Audit, "auth.token_issued", jti.to_string()).await? {
+        Some(Event::TokenIssued { jti: found, expires_at_us, .. }) if found == jti => Some(expires_at_us),
+        _ => None,
+    })
+}
+
 /// Parent links found so far: a node maps to its parent, or to `None` at a root.
 type Links<T> = BTreeMap<T, Option<T>>;
 

@@ -76,13 +76,20 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         })
     };
     let max_token_ttl_us = settings.max_token_ttl_ms.saturating_mul(1_000);
+    let leeway_us = settings.leeway_s.saturating_mul(1_000_000);
     let ledger_settings = audit::Settings {
         interval: Duration::from_millis(settings.audit_interval_ms.max(10)),
         commit_timeout: Duration::from_millis(config.nats.request_timeout_ms.saturating_mul(2)),
     };
     // Storage may start after us: wait for the audit log, not ready meanwhile.
-    let waiting =
-        || Ledger::start(bus.clone(), ledger_settings.clone(), Revocations::new(max_token_ttl_us), observer.clone());
+    let waiting = || {
+        Ledger::start(
+            bus.clone(),
+            ledger_settings.clone(),
+            Revocations::new(max_token_ttl_us + leeway_us, leeway_us),
+            observer.clone(),
+        )
+    };
     let Some(ledger) = patiently(&mut shutdown, "the audit log", waiting).await else {
         host.shutdown(grace).await;
         return Ok(());

@@ -279,6 +279,10 @@ pub enum Event {
         /// Why.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
+        /// When the revoked token expires, where auth knows it: the revocation is kept until
+        /// then (and the leeway), not for the longest token lifetime.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_us: Option<u64>,
     },
     /// The signing key rotated.
     #[serde(rename = "auth.key_rotated")]

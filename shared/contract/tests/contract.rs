@@ -417,7 +417,9 @@ fn event() -> impl Strategy<Value = Event> {
                 expires_at_us
             }
         ),
-        (token(), u64s(), short()).prop_map(|(jti, epoch, reason)| Event::TokenRevoked { jti, epoch, reason }),
+        (token(), u64s(), short(), opt(u64s())).prop_map(|(jti, epoch, reason, expires_at_us)| {
+            Event::TokenRevoked { jti, epoch, reason, expires_at_us }
+        }),
         (kid(), opt(kid()), opt(u64s())).prop_map(|(kid, previous_kid, retire_at_us)| Event::KeyRotated {
             kid,
             previous_kid,

@@ -58,13 +58,13 @@ fn revoke(n: u128) -> Entry<Epoch> {
         action: "token.revoke",
         resource: format!("token:{jti}"),
         events: Events::Sealed(Arc::new(move |fold: &Epoch| {
-            vec![Event::TokenRevoked { jti, epoch: fold.0 + 1, reason: String::new() }]
+            vec![Event::TokenRevoked { jti, epoch: fold.0 + 1, reason: String::new(), expires_at_us: None }]
         })),
     }
 }
 
 fn revoked(jti: u128, epoch: u64) -> Event {
-    Event::TokenRevoked { jti: TokenId::from_u128(jti), epoch, reason: String::new() }
+    Event::TokenRevoked { jti: TokenId::from_u128(jti), epoch, reason: String::new(), expires_at_us: None }
 }
 
 fn epochs(log: &MemoryAuditLog) -> Vec<u64> {

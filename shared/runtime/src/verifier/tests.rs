@@ -82,7 +82,8 @@ impl Auth {
     }
 
     async fn revoke(&self, jti: u128, epoch: u64) {
-        let event = Event::TokenRevoked { jti: TokenId::from_u128(jti), epoch, reason: String::new() };
+        let event =
+            Event::TokenRevoked { jti: TokenId::from_u128(jti), epoch, reason: String::new(), expires_at_us: None };
         self.publish(Notice::Event(event)).await;
     }
 }

@@ -908,11 +908,8 @@ async fn a_revocation_is_kept_until_its_token_expires_not_for_the_longest_lifeti
     let jti: toka_contract::TokenId = toka_runtime::token::unverified_jti(&short).unwrap().parse().unwrap();
     stack.revoke(jti).await;
     let listed = || async {
-        let reply: RevocationsReply = stack
-            .operators
-            .request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest::default())
-            .await
-            .unwrap();
+        let reply: RevocationsReply =
+            stack.operators.request(subject::AUTH_REVOCATIONS.subject, &RevocationsRequest::default()).await.unwrap();
         reply.revoked.into_iter().find(|r| r.jti == jti)
     };
     let entry = listed().await.expect("in force while the token lives");

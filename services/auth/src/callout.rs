@@ -26,7 +26,7 @@ use toka_runtime::bus::{self, Bus};
 use toka_runtime::token;
 
 use crate::Error;
-use crate::handlers::{Auth, read};
+use crate::handlers::{Auth, UNVERIFIED, read};
 
 /// The header carrying the server's public xkey on an encrypted request.
 const SERVER_XKEY: &str = "Nats-Server-Xkey";
@@ -74,27 +74,18 @@ struct ConnectOpts {
 /// it.
 fn decode_request(jwt: &str) -> Result<Request, String> {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let mut parts = jwt.split('.');
-    let (Some(_header), Some(payload), Some(signature), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err("not a JWT".into());
-    };
+    // `<header>.<claims>` is what the signature covers.
+    let (signed, signature) = jwt.rsplit_once('.').ok_or("not a JWT")?;
+    let (_header, payload) = signed.split_once('.').filter(|(_, p)| !p.contains('.')).ok_or("not a JWT")?;
     let claims = b64.decode(payload).map_err(|e| format!("claims: {e}"))?;
     let request: Request = serde_json::from_slice(&claims).map_err(|e| format!("claims: {e}"))?;
     let signature = b64.decode(signature).map_err(|e| format!("signature: {e}"))?;
     let server = nkeys::KeyPair::from_public_key(&request.iss).map_err(|e| format!("issuer: {e}"))?;
-    let signed = &jwt[..jwt.len() - parts_len(jwt)];
     server.verify(signed.as_bytes(), &signature).map_err(|e| format!("signature: {e}"))?;
     if !request.iss.starts_with('N') || request.iss != request.nats.server_id.id {
         return Err(format!("issued by {}, not the server that asks", request.iss));
     }
     Ok(request)
-}
-
-/// The length of a JWT's signature with its dot.
-fn parts_len(jwt: &str) -> usize {
-    jwt.rsplit('.').next().map_or(0, |s| s.len() + 1)
 }
 
 /// Labels of the refusal counter.
@@ -129,9 +120,6 @@ impl Refusal {
         Refusal { reason, detail: detail.into() }
     }
 }
-
-/// The principal of connections refused before their token verified, in audit records.
-const UNVERIFIED: &str = "unverified";
 
 /// The counter's reason for a token the verifier refused.
 fn reason(e: &token::Error) -> &'static str {

@@ -74,7 +74,7 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 /// The principal of callers whose credential did not verify.
-const UNVERIFIED: &str = "unverified";
+pub(crate) const UNVERIFIED: &str = "unverified";
 
 impl Auth {
     /// Makes `ring` the one that signs and verifies.

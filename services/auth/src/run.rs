@@ -48,7 +48,7 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         ));
     }
     let limits = Limits::new(&settings.rate_limits)?;
-    let (callout, callout_bus, system_bus) = connect_callout(&config).await?;
+    let callout = connect_callout(&config).await?;
     // The lease and the heartbeat: a user of their own, which serves no request.
     let state = Bus::connect_state(&config.nats, "toka-auth-state", &Role::AuthState.inbox()).await?;
     let store = KeyStore::open(&settings.key_dir)?;
@@ -133,17 +133,14 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
         tokio::spawn(follow_events(auth.clone())?),
         tokio::spawn(serve_forwarded_rotations(auth.clone()).await?),
     ];
-    if let Some(callout) = callout {
+    if let Some((callout, callout_bus, system_bus)) = &callout {
         host.register_metric(
             "auth_callout_refusals",
             "Client connections refused by the auth callout, by reason",
             callout.refusals(),
         );
-        let bus = callout_bus.clone().ok_or_else(|| Error::Setting("auth.callout: no connection".into()))?;
-        tasks.push(callout::serve(auth.clone(), callout, bus).await?);
-    }
-    if let Some(system) = system_bus.clone() {
-        tasks.push(tokio::spawn(kick::serve(system, revoked_rx)));
+        tasks.push(callout::serve(auth.clone(), callout.clone(), callout_bus.clone()).await?);
+        tasks.push(tokio::spawn(kick::serve(system_bus.clone(), revoked_rx)));
     }
     register(&mut host, &auth).await?;
     tracing::info!(instance = %instance, "auth serving");
@@ -157,26 +154,27 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     };
     host.serve_until_then(&bus, shutdown, grace, cleanup).await;
     state.drain().await;
-    for bus in [callout_bus, system_bus].into_iter().flatten() {
-        bus.drain().await;
+    if let Some((_, callout_bus, system_bus)) = callout {
+        callout_bus.drain().await;
+        system_bus.drain().await;
     }
     Ok(())
 }
 
 /// The callout's keys and its own connection (so no client flood can starve it), and the
 /// system user's connection that closes revoked tokens' connections, if configured.
-async fn connect_callout(config: &Config) -> Result<(Option<Arc<Callout>>, Option<Bus>, Option<Bus>), Error> {
+async fn connect_callout(config: &Config) -> Result<Option<(Arc<Callout>, Bus, Bus)>, Error> {
     let c = &config.auth.callout;
     match (&c.nkey_seed_file, &c.issuer_seed_file, &c.xkey_seed_file, &c.system_nkey_seed_file) {
         (None, None, None, None) => {
             tracing::warn!("no auth.callout: clients connecting with tokens will be refused by NATS");
-            Ok((None, None, None))
+            Ok(None)
         }
         (Some(user), Some(issuer), Some(xkey), Some(system)) => {
             let callout = Callout::load(issuer, xkey)?;
             let bus = Bus::connect_user(&config.nats, user, "toka-auth-callout", &Role::AuthCallout.inbox()).await?;
             let system = Bus::connect_user(&config.nats, system, "toka-auth-system", &Role::AuthSystem.inbox()).await?;
-            Ok((Some(Arc::new(callout)), Some(bus), Some(system)))
+            Ok(Some((Arc::new(callout), bus, system)))
         }
         _ => Err(Error::Setting(
             "auth.callout: set all of nkey_seed_file, issuer_seed_file, xkey_seed_file and system_nkey_seed_file, \

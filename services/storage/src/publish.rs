@@ -70,8 +70,9 @@ pub async fn ensure_streams(js: &jetstream::Context) -> Result<Vec<LogName>, Err
         let config = stream_config(log);
         let fail = |e: &dyn std::fmt::Display| Error::Stream { stream: subject::stream_of(log), reason: e.to_string() };
         match js.get_stream(&config.name).await {
-            Ok(mut stream) => {
-                let current = stream.info().await.map_err(|e| fail(&e))?.config.clone();
+            Ok(stream) => {
+                // `get_stream` read the stream's information already.
+                let current = stream.cached_info().config.clone();
                 if current.subjects == config.subjects && current.allow_direct && current.republish == config.republish
                 {
                     continue;

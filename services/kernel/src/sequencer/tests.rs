@@ -274,3 +274,143 @@ async fn a_snapshot_is_stored_and_recovery_starts_from_it() {
     assert_eq!(recovered.replayed, 7 - recovered.snapshot_seq);
     assert_eq!(recovered.state.hash().unwrap(), hash);
 }
+
+/// The log in `fixtures/kernel-log-v1.jsonl`: every operation type, deadlines of each kind
+/// firing through ticks (a retry, a parking), a terminate cascading through a subtree with open
+/// tasks. Written by the sequencer of December 2026 (run with `TOKA_WRITE_FIXTURE=1` and
+/// `--ignored` to write it again, which only a change of the log's format may need).
+#[tokio::test(start_paused = true)]
+#[ignore = "writes the fixture"]
+async fn write_the_replay_fixture() {
+    use toka_contract::spec::{ResourceLimits, RetryPolicy};
+    use toka_contract::{AgentId, TaskId};
+    assert_eq!(std::env::var("TOKA_WRITE_FIXTURE").as_deref(), Ok("1"), "set TOKA_WRITE_FIXTURE=1");
+    let log = MemoryLog::default();
+    let kernel = start(&log, settings(2)).await;
+    let mut n = 0;
+    let mut run = async |op: Operation| {
+        n += 1;
+        let applied = kernel.send(n, op).await.unwrap().unwrap();
+        applied.durable.await.unwrap().unwrap();
+        applied.accepted.events
+    };
+    let agent_of = |events: Vec<Event>| match &events[..] {
+        [Event::AgentSpawned { agent, .. }] => *agent,
+        other => panic!("{other:?}"),
+    };
+    let task_of = |events: Vec<Event>| match &events[..] {
+        [Event::TaskScheduled { task, .. }] => *task,
+        other => panic!("{other:?}"),
+    };
+    let child = |name: &str, parent: AgentId| {
+        Operation::SpawnAgent(AgentSpec {
+            name: name.parse().unwrap(),
+            parent: Some(parent),
+            limits: Default::default(),
+        })
+    };
+    let limits = ResourceLimits { memory_bytes: Some(1_000), cpu_millicores: Some(500), io_bytes: Some(10_000) };
+    let root =
+        agent_of(run(Operation::SpawnAgent(AgentSpec { name: "root".parse().unwrap(), parent: None, limits })).await);
+    let planner = agent_of(run(child("planner", root)).await);
+    let helper = agent_of(run(child("helper", planner)).await);
+    let task = |agent: AgentId, queue: &str, timeouts: Timeouts, max_attempts: u32| {
+        Operation::ScheduleTask(TaskSpec {
+            agent,
+            queue: queue.parse().unwrap(),
+            payload: format!("{{\"queue\":\"{queue}\"}}"),
+            priority: 3,
+            timeouts,
+            retry: RetryPolicy {
+                max_attempts,
+                initial_backoff_us: 20_000,
+                backoff_multiplier_pct: 200,
+                max_backoff_us: 100_000,
+            },
+        })
+    };
+    let claim = |queue: &str| Operation::ClaimTask { queue: queue.parse().unwrap(), worker: "w-1".into() };
+    let ms = |ms: u64| Some(ms * 1_000);
+    // Never claimed: schedule-to-start fires.
+    task_of(run(task(root, "unclaimed", Timeouts { schedule_to_start_us: ms(50), ..Timeouts::default() }, 3)).await);
+    // Start-to-close fires twice: a retry, then parked.
+    task_of(run(task(root, "slow", Timeouts { start_to_close_us: ms(30), ..Timeouts::default() }, 2)).await);
+    run(claim("slow")).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    run(claim("slow")).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    // A heartbeat, then the heartbeat deadline fires.
+    let beat = task_of(run(task(planner, "beat", Timeouts { heartbeat_us: ms(40), ..Timeouts::default() }, 1)).await);
+    run(claim("beat")).await;
+    run(Operation::HeartbeatTask { task: beat, attempt: 1 }).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Completed; failed and retried, then completed; cancelled.
+    let done = task_of(run(task(planner, "work", Timeouts::default(), 3)).await);
+    run(claim("work")).await;
+    run(Operation::CompleteTask { task: done, attempt: 1, result: "ok".into() }).await;
+    let flaky = task_of(run(task(planner, "work", Timeouts::default(), 3)).await);
+    run(claim("work")).await;
+    run(Operation::FailTask { task: flaky, attempt: 1, error: "tool crashed".into(), retryable: true }).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    run(claim("work")).await;
+    run(Operation::CompleteTask { task: flaky, attempt: 2, result: "ok on retry".into() }).await;
+    let dropped = task_of(run(task(root, "work", Timeouts::default(), 3)).await);
+    run(Operation::CancelTask { task: dropped, reason: "not needed".into() }).await;
+    // Observations, reports (over the limits), suspend and resume.
+    run(Operation::EmitObservation {
+        agent: helper,
+        kind: "tool.call".parse().unwrap(),
+        body: "{\"tool\":\"search\"}".into(),
+    })
+    .await;
+    run(Operation::ReportMemory { agent: root, bytes: 2_000 }).await;
+    run(Operation::ReportCpu { agent: root, millicores: 250 }).await;
+    run(Operation::ReportIo { agent: root, read_bytes: 6_000, write_bytes: 6_000, ops: 3 }).await;
+    run(Operation::SuspendAgent { agent: helper, reason: "paused".into() }).await;
+    run(Operation::ResumeAgent { agent: helper }).await;
+    // Open tasks under the subtree, then a terminate cascading through it.
+    let _open: Vec<TaskId> = vec![
+        task_of(run(task(helper, "later", Timeouts::default(), 3)).await),
+        task_of(
+            run(task(planner, "later", Timeouts { schedule_to_start_us: ms(500), ..Timeouts::default() }, 3)).await,
+        ),
+    ];
+    run(Operation::TerminateAgent { agent: planner, reason: "plan finished".into() }).await;
+    let mut hashes = kernel.hashes.clone();
+    let last = log.records().len() as u64;
+    hashes.wait_for(|(seq, _)| *seq == last).await.unwrap();
+    let hash = hashes.borrow().1;
+    kernel.stop().await;
+    let records = log.records();
+    let ticks = records.iter().filter(|r| matches!(r.op, Operation::Tick { .. })).count();
+    assert!(ticks >= 4, "{ticks} ticks");
+    let mut out = String::new();
+    for record in &records {
+        out.push_str(&serde_json::to_string(record).unwrap());
+        out.push('\n');
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kernel-log-v1.jsonl"), out).unwrap();
+    std::fs::write(dir.join("kernel-log-v1.state-hash"), format!("{hash}\n")).unwrap();
+}
+
+/// A log written before a change of the operations (see `write_the_replay_fixture`) replays,
+/// chained as it was, to the state hash the kernel that wrote it reported.
+#[test]
+fn a_log_written_by_an_earlier_kernel_replays_to_its_state_hash() {
+    let records: Vec<toka_contract::KernelRecord> = include_str!("../../fixtures/kernel-log-v1.jsonl")
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let mut state = State::new(WINDOW);
+    let mut prev = toka_contract::Hash::ZERO;
+    for record in &records {
+        assert_eq!((record.prev_hash, record.compute_hash().unwrap()), (prev, record.hash), "record {}", record.seq);
+        prev = record.hash;
+        state.replay(record).unwrap();
+    }
+    assert_eq!(records.len(), 33);
+    let expected = include_str!("../../fixtures/kernel-log-v1.state-hash").trim();
+    assert_eq!(state.hash().unwrap().to_string(), expected);
+}

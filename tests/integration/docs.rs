@@ -68,7 +68,7 @@ fn samples() -> Vec<(String, Operation)> {
         Operation::ReportMemory { agent, bytes: 1 },
         Operation::ReportCpu { agent, millicores: 1 },
         Operation::ReportIo { agent, read_bytes: 1, write_bytes: 1, ops: 1 },
-        Operation::Tick {},
+        Operation::Tick { max_fired: None },
     ];
     ops.into_iter()
         .map(|op| {

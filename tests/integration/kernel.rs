@@ -384,7 +384,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     let log = stack.kernel_log().await;
     assert_eq!(log.last().unwrap().seq, *seqs.last().unwrap());
     toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
-    assert!(log.iter().any(|r| matches!(r.op, Operation::Tick {})), "the tick is logged");
+    assert!(log.iter().any(|r| matches!(r.op, Operation::Tick { .. })), "the tick is logged");
     let mut replayed = toka_kernel::machine::State::default();
     for record in &log {
         replayed.replay(record).unwrap();
@@ -916,4 +916,149 @@ async fn a_revocation_is_kept_until_its_token_expires_not_for_the_longest_lifeti
     assert_eq!(entry.expires_at_us, (exp + 1) * 1_000_000, "until the token's expiry and the leeway");
     // Gone once the token can no longer verify, a day before the longest lifetime would end.
     assert_eventually!(Duration::from_secs(6), listed().await.is_none(), "dropped after the token's expiry");
+}
+
+/// Submits `ops` in batches of `batch`, four batches at a time; every one must be accepted.
+async fn submit_all(bus: &Bus, token: &str, ops: Vec<Operation>, batch: usize) -> Vec<SubmitReply> {
+    let mut running = tokio::task::JoinSet::new();
+    let mut done: Vec<(usize, Vec<SubmitReply>)> = Vec::new();
+    for (i, chunk) in ops.chunks(batch).enumerate() {
+        let (bus, token) = (bus.clone(), token.to_owned());
+        let ops = chunk.iter().map(|op| BatchItem { op_id: op_id(), op: op.clone() }).collect();
+        running.spawn(async move {
+            let request = SubmitBatchRequest { token, ops };
+            let reply: SubmitBatchReply = bus.request(subject::KERNEL_SUBMIT_BATCH.subject, &request).await.unwrap();
+            (i, reply.results.into_iter().map(|r| r.into_result().unwrap()).collect())
+        });
+        if running.len() >= 4 {
+            done.push(running.join_next().await.unwrap().unwrap());
+        }
+    }
+    done.extend(running.join_all().await);
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().flat_map(|(_, replies)| replies).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_restarted_on_a_backlog_of_passed_deadlines_fires_them_in_bounded_ticks_and_answers_meanwhile() {
+    let Some(stack) = Stack::start("kernel-deadline-backlog").await else { return };
+    let first_out = stack.dir.path().join("kernel-1.log");
+    let mut first = start_kernel_process(&stack.nats, &first_out);
+    assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "kernel process ready");
+    let op = stack.operator().await;
+    let owner = spawned(&submit(&stack.client, &op, op_id(), spawn("owner", None)).await.unwrap());
+    // 12 000 tasks nobody claims, each timing out 3 s after it is scheduled.
+    let schedules = (0..12_000)
+        .map(|i| {
+            Operation::ScheduleTask(TaskSpec {
+                agent: owner,
+                queue: "nobody".parse().unwrap(),
+                payload: format!("task {i}"),
+                priority: 0,
+                timeouts: toka_contract::spec::Timeouts { schedule_to_start_us: Some(3_000_000), ..Default::default() },
+                retry: Default::default(),
+            })
+        })
+        .collect();
+    let scheduled_at = std::time::Instant::now();
+    assert_eq!(submit_all(&stack.client, &op, schedules, 1_000).await.len(), 12_000);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    // Down until every deadline has passed: the restarted kernel finds all 12 000 due.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(scheduled_at.elapsed())).await;
+    let second_out = stack.dir.path().join("kernel-2.log");
+    let mut second = start_kernel_process(&stack.nats, &second_out);
+    assert_eventually!(Duration::from_secs(20), kernel_ready(&stack.client).await, "restarted kernel ready");
+    let restarted = std::time::Instant::now();
+    // Another principal is answered within a second each while the backlog fires.
+    let other = stack.token("other", everything()).await;
+    for i in 0..5 {
+        let started = std::time::Instant::now();
+        if let Err(e) = submit(&stack.client, &other, op_id(), spawn(&format!("meanwhile-{i}"), None)).await {
+            let out = std::fs::read_to_string(&second_out).unwrap();
+            eprintln!("DEBUG kernel-2 log:\n{}", &out[out.len().saturating_sub(6000)..]);
+            panic!("{e:?}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "spawn {i} took {:?}", started.elapsed());
+    }
+    let timed_out = |log: &[toka_contract::KernelRecord]| {
+        log.iter().flat_map(|r| &r.events).filter(|e| matches!(e, Event::TaskTimedOut { .. })).count()
+    };
+    let mut log = stack.kernel_log().await;
+    while timed_out(&log) < 12_000 {
+        assert!(restarted.elapsed() < Duration::from_secs(10), "{} of 12000 timeouts logged", timed_out(&log));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        log = stack.kernel_log().await;
+    }
+    // In ticks that each fit the bound, and the log replays to the live state.
+    let bound = toka_kernel::KernelConfig::default().max_record_bytes;
+    let ticks: Vec<_> = log.iter().filter(|r| matches!(r.op, Operation::Tick { .. })).collect();
+    assert!(ticks.len() >= 12_000 / toka_kernel::machine::max_fired_within(bound) as usize, "{} ticks", ticks.len());
+    for tick in &ticks {
+        assert!(serde_json::to_vec(tick).unwrap().len() <= bound, "tick {} over the bound", tick.seq);
+    }
+    let status = toka_client::Client::new(stack.client.clone(), op.clone()).status().await.unwrap();
+    let log = stack.kernel_log().await;
+    toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
+    let mut replayed = toka_kernel::machine::State::default();
+    for record in &log[..status.head_seq as usize] {
+        replayed.replay(record).unwrap();
+    }
+    assert_eq!(
+        replayed.hash().unwrap(),
+        status.state_hash,
+        "replay of the log = the live state at {}",
+        status.head_seq
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_of_twelve_thousand_descendants_is_refused_too_large_and_nobody_else_notices() {
+    let Some(stack) = Stack::start("kernel-terminate-too-large").await else { return };
+    let (_kernel, _) = start_kernel(&stack.nats, "k").await;
+    let op = stack.operator().await;
+    let root = spawned(&submit(&stack.client, &op, op_id(), spawn("root", None)).await.unwrap());
+    let children = (0..12_000).map(|i| spawn(&format!("c{i}"), Some(root))).collect();
+    assert_eq!(submit_all(&stack.client, &op, children, 200).await.len(), 12_000);
+    let client = toka_client::Client::new(stack.client.clone(), op.clone());
+    let before = client.status().await.unwrap();
+    // Someone else works throughout.
+    let other = stack.token("other", everything()).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let meanwhile = tokio::spawn({
+        let (bus, stop) = (stack.client.clone(), stop.clone());
+        async move {
+            let mut outcomes = Vec::new();
+            for i in 0..2_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                outcomes.push(submit(&bus, &other, op_id(), spawn(&format!("o{i}"), None)).await.map(|_| ()));
+            }
+            outcomes
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let terminate = Operation::TerminateAgent { agent: root, reason: "everything".into() };
+    let refused = submit(&stack.client, &op, op_id(), terminate).await.unwrap_err();
+    assert_eq!(refused.code, ErrorCode::TooLarge, "{refused:?}");
+    let bound = toka_kernel::KernelConfig::default().max_record_bytes as u64;
+    assert_eq!(
+        (refused.details["limit"].as_str(), refused.details["max"].as_u64()),
+        (Some("kernel.max_record_bytes"), Some(bound))
+    );
+    assert!(refused.details["size"].as_u64().unwrap() > bound);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let outcomes = meanwhile.await.unwrap();
+    assert!(outcomes.len() >= 10, "{} spawns meanwhile", outcomes.len());
+    assert!(outcomes.iter().all(Result::is_ok), "{:?}", outcomes.iter().find(|o| o.is_err()));
+    // Nothing of the terminate happened: the other principal's spawns are all the log gained.
+    let log = stack.kernel_log().await;
+    assert_eq!(log.len() as u64, before.head_seq + outcomes.len() as u64);
+    assert!(log.iter().all(|r| !matches!(r.op, Operation::TerminateAgent { .. })));
+    let view = client.agent(root).await.unwrap();
+    assert_eq!(view.state, AgentState::Running);
 }

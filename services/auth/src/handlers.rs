@@ -208,9 +208,10 @@ impl Auth {
     }
 
     /// `toka.auth.v1.agent_token`: the kernel's request for a spawned agent's token, named
-    /// `agent:<id>` on its word (no one else may publish the subject).
+    /// `agent:<id>` on its word (no one else may publish the subject). Not charged to the
+    /// spawner's delegation budget: the kernel charged the spawn to its submit budget.
     pub(crate) async fn agent_token(&self, req: AgentTokenRequest) -> Result<TokenReply, WireError> {
-        let parent = self.delegating_parent(&req.token)?;
+        let parent = self.verified_parent(&req.token)?;
         let sub = format!("agent:{}", req.agent)
             .parse()
             .map_err(|e| WireError::new(ErrorCode::BadRequest, format!("agent {}: {e}", req.agent)))?;
@@ -219,12 +220,17 @@ impl Auth {
 
     /// The verified claims of a token to delegate from, within its root's delegation budget.
     fn delegating_parent(&self, token: &str) -> Result<Claims, WireError> {
-        let parent = self.verify(token).map_err(|e| {
-            self.ledger.deny(UNVERIFIED, "token.delegate", "token:*", &e.to_string());
-            WireError::from(&e)
-        })?;
+        let parent = self.verified_parent(token)?;
         self.limit("delegate", parent.root().as_str())?;
         Ok(parent)
+    }
+
+    /// The verified claims of a token to delegate from.
+    fn verified_parent(&self, token: &str) -> Result<Claims, WireError> {
+        self.verify(token).map_err(|e| {
+            self.ledger.deny(UNVERIFIED, "token.delegate", "token:*", &e.to_string());
+            WireError::from(&e)
+        })
     }
 
     fn refuse_delegation(&self, parent: &Claims, e: &delegation::Error) -> WireError {

@@ -23,6 +23,11 @@ pub struct KernelConfig {
     pub max_batch_records: usize,
     /// The most bytes of records in one storage append (under NATS's 1 MiB payload limit).
     pub max_batch_bytes: usize,
+    /// The most bytes of one record of the kernel log (its compact JSON): an operation whose
+    /// record could be larger is refused with `too_large` before it changes anything, and a tick
+    /// fires only as many deadlines as fit (the rest at the next). At least 16384, and at most
+    /// the NATS server's max_payload less 4096.
+    pub max_record_bytes: usize,
     /// Storage appends in flight at once.
     pub max_in_flight: usize,
     /// Operations and queries waiting for the sequencer; beyond, callers get `unavailable`.
@@ -48,6 +53,7 @@ impl Default for KernelConfig {
             tick_ms: 100,
             max_batch_records: 2_000,
             max_batch_bytes: 800_000,
+            max_record_bytes: 512 * 1024,
             max_in_flight: 2,
             queue_limit: 20_000,
             snapshot_every: 100_000,

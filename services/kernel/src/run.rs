@@ -30,21 +30,41 @@ pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -
     run_reporting(config, bus, shutdown, report).await
 }
 
+/// The sequencer lease once held, and the task renewing it (from the moment it is taken, so
+/// that a long recovery does not let it lapse).
+struct Held {
+    lease: Arc<tokio::sync::Mutex<Lease>>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    /// Stops renewing and releases the lease, so a standby need not wait out its TTL.
+    async fn release(self) {
+        self.keeper.abort();
+        let _ = self.keeper.await;
+        self.lease.lock().await.release().await;
+    }
+}
+
 /// What start-up holds until the kernel serves; [`Startup::abandon`] gives it back in order
-/// when start-up stops early (shutdown asked for while waiting).
+/// when start-up stops early (shutdown asked for, or the lease lost, while waiting).
 struct Startup {
     host: Host,
-    lease: Option<Lease>,
+    held: Option<Held>,
     grace: Duration,
+    lost: Arc<AtomicBool>,
 }
 
 impl Startup {
-    /// Releases the lease, so a standby need not wait out its TTL, and stops the host.
+    /// Releases the lease and stops the host.
     async fn abandon(self) -> Result<(), Error> {
-        if let Some(mut lease) = self.lease {
-            lease.release().await;
+        if let Some(held) = self.held {
+            held.release().await;
         }
         self.host.shutdown(self.grace).await;
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::LeaseLost);
+        }
         Ok(())
     }
 }
@@ -66,30 +86,65 @@ pub async fn run_reporting(
                 .into(),
         ));
     }
+    let most = bus.max_payload().saturating_sub(4_096);
+    if !(16_384..=most).contains(&settings.max_record_bytes) {
+        return Err(Error::Setting(format!(
+            "kernel.max_record_bytes = {} must be at least 16384 and at most the NATS server's max_payload less 4096 ({most})",
+            settings.max_record_bytes
+        )));
+    }
     let limits = Limits::new(&settings.rate_limits)?;
     let grace = Duration::from_millis(config.shutdown.grace_ms);
-    let mut shutdown = Box::pin(shutdown);
+    // Stop when asked to, or at once when the lease is lost: the new holder is the only
+    // sequencer.
+    let (lost_tx, mut lost_rx) = watch::channel(false);
+    let lost = Arc::new(AtomicBool::new(false));
+    let mut shutdown = Box::pin({
+        let lost = lost.clone();
+        async move {
+            tokio::select! {
+                _ = shutdown => {}
+                Ok(_) = lost_rx.wait_for(|l| *l) => lost.store(true, Ordering::SeqCst),
+            }
+        }
+    });
     // The lease: a user of its own, which serves no request.
     let state = Bus::connect_state(&config.nats, "toka-kernel-state", &Role::KernelState.inbox()).await?;
     let host = Host::start(&bus, SERVICE_NAME, DESCRIPTION, &config.admin).await?;
-    let mut startup = Startup { host, lease: None, grace };
+    let mut startup = Startup { host, held: None, grace, lost: lost.clone() };
 
     // A standby waits here, not ready, until the active instance's lease lapses.
     let lease_ttl = Duration::from_millis(settings.lease_ttl_ms);
     let opened = patiently(&mut shutdown, "the lease bucket", || {
         Lease::open(&state, LEASE_BUCKET, LEASE_KEY, &instance, lease_ttl)
     });
-    let Some(lease) = opened.await else { return startup.abandon().await };
+    let Some(mut lease) = opened.await else { return startup.abandon().await };
     let every = lease.renew_every();
-    let lease = startup.lease.insert(lease);
     let acquired = async {
         while !lease.renew().await {
             tokio::time::sleep(every).await;
         }
     };
     if unless(&mut shutdown, acquired).await.is_none() {
+        lease.release().await;
         return startup.abandon().await;
     }
+    // Renewed from now on, through the verifier's start and recovery as well as while serving.
+    let lease = Arc::new(tokio::sync::Mutex::new(lease));
+    let kept = lease.clone();
+    let keeper = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if !kept.lock().await.renew().await {
+                let _ = lost_tx.send(true);
+                return;
+            }
+            if lost_tx.is_closed() {
+                return;
+            }
+        }
+    });
+    startup.held = Some(Held { lease, keeper });
     tracing::info!(%instance, "sequencer lease held");
     let verifier =
         patiently(&mut shutdown, "auth (JWKS and revocations)", || LiveVerifier::start(&bus, config.verifier.clone()));
@@ -119,6 +174,7 @@ pub async fn run_reporting(
     let sequencer_settings = sequencer::Settings {
         max_batch_records: settings.max_batch_records,
         max_batch_bytes: settings.max_batch_bytes,
+        max_record_bytes: settings.max_record_bytes,
         max_in_flight: settings.max_in_flight,
         tick: Duration::from_millis(settings.tick_ms.max(1)),
         snapshot_every: settings.snapshot_every,
@@ -128,9 +184,8 @@ pub async fn run_reporting(
     let (stop_sequencer, sequencer_stop) = watch::channel(false);
     let sequencer =
         tokio::spawn(Sequencer::new(bus.clone(), sequencer_settings, recovered, report).run(rx, sequencer_stop));
-    let Startup { mut host, lease, .. } = startup;
-    let Some(lease) = lease else { return Ok(()) };
-    let lease = Arc::new(tokio::sync::Mutex::new(lease));
+    let Startup { mut host, held, .. } = startup;
+    let Some(held) = held else { return Ok(()) };
     let kernel = Arc::new(Kernel {
         bus: bus.clone(),
         audit: audit_log.clone(),
@@ -139,46 +194,19 @@ pub async fn run_reporting(
         inputs,
         agent_token_ttl_ms: settings.agent_token_ttl_ms,
         instance: instance.clone(),
-        lease: lease.clone(),
+        lease: held.lease.clone(),
     });
     register(&mut host, &kernel).await?;
 
-    // Renew the lease; if it is lost, stop at once: the new holder is the only sequencer.
-    let (lost_tx, mut lost_rx) = watch::channel(false);
-    let kept = lease.clone();
-    let keeper = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(every).await;
-            if !kept.lock().await.renew().await {
-                let _ = lost_tx.send(true);
-                return;
-            }
-            if lost_tx.is_closed() {
-                return;
-            }
-        }
-    });
-    let lost = Arc::new(AtomicBool::new(false));
-    let stop = {
-        let lost = lost.clone();
-        async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = lost_rx.wait_for(|l| *l) => lost.store(true, Ordering::SeqCst),
-            }
-        }
-    };
     let cleanup = async {
         // No more inputs: the sequencer finishes what is in flight and returns.
         let _ = stop_sequencer.send(true);
         let _ = sequencer.await;
         // The last interval's denials.
         audit_log.close().await;
-        keeper.abort();
-        let _ = keeper.await;
-        lease.lock().await.release().await;
+        held.release().await;
     };
-    host.serve_until_then(&bus, stop, grace, cleanup).await;
+    host.serve_until_then(&bus, shutdown, grace, cleanup).await;
     state.drain().await;
     if lost.load(Ordering::SeqCst) {
         return Err(Error::LeaseLost);

@@ -7,7 +7,12 @@
 //! If an append fails or times out, the state may be ahead of the log: the sequencer fails
 //! every waiting caller with `unavailable`, rebuilds the state from storage, and only then
 //! takes operations again. Ticks come from the sequencer's own clock, as logged operations,
-//! when a task deadline has passed.
+//! when a task deadline has passed, each firing at most as many deadlines as fit in a record.
+//!
+//! No record exceeds `max_record_bytes`: the state machine bounds what an operation's record
+//! could come to before it is applied ([`State::check_record_size`]), and an operation that
+//! could exceed it (a terminate of a very large subtree) is refused with `too_large`, changing
+//! nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +135,9 @@ pub struct Settings {
     pub max_batch_records: usize,
     /// The most bytes of records in one append (under NATS's payload limit).
     pub max_batch_bytes: usize,
+    /// The most bytes of one record: an operation whose record could exceed it is refused
+    /// before it is applied, and a tick fires only as many deadlines as fit.
+    pub max_record_bytes: usize,
     /// Appends in flight at once.
     pub max_in_flight: usize,
     /// How often to look for passed deadlines.
@@ -314,6 +322,7 @@ impl<L: KernelLog> Sequencer<L> {
         let seq = self.state.last_seq() + 1;
         let time_us = self.settings.clock.now_us().max(self.state.last_time_us());
         let ctx = Ctx { seq, time_us, op_id, principal, authority };
+        self.state.check_record_size(op, self.settings.max_record_bytes).map_err(|e| WireError::from(&e))?;
         match self.state.apply(op, &ctx) {
             Ok(Outcome::Applied(events)) => {
                 let mut chain = Chain { seq: seq - 1, hash: self.head_hash };
@@ -343,7 +352,9 @@ impl<L: KernelLog> Sequencer<L> {
         let seq = self.state.last_seq() + 1;
         let op_id = OpId::mint(now.max(self.state.last_time_us()), seq, u16::MAX);
         let Ok(principal) = SEQUENCER.parse::<Principal>() else { return };
-        if let Err(e) = self.apply(&Operation::Tick {}, op_id, &principal, Authority::Sequencer) {
+        // What is left fires at the next tick.
+        let tick = Operation::Tick { max_fired: Some(machine::max_fired_within(self.settings.max_record_bytes)) };
+        if let Err(e) = self.apply(&tick, op_id, &principal, Authority::Sequencer) {
             tracing::error!(error = %e.message, "tick refused");
         }
     }

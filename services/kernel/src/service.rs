@@ -169,8 +169,8 @@ impl Kernel {
             };
             waits.push((op_type, queued));
         }
-        let mut results = Vec::with_capacity(waits.len());
-        for (op_type, wait) in waits {
+        // Answered together: the spawns' tokens are asked for at once, not one after another.
+        let replies = waits.into_iter().map(|(op_type, wait)| async {
             let result = match wait {
                 Ok(wait) => {
                     let outcome = wait.await.unwrap_or_else(|_| Err(unavailable("the kernel is stopping")));
@@ -178,9 +178,9 @@ impl Kernel {
                 }
                 Err(e) => Err(e),
             };
-            results.push(Reply::from(result));
-        }
-        Ok(SubmitBatchReply { results })
+            Reply::from(result)
+        });
+        Ok(SubmitBatchReply { results: futures::future::join_all(replies).await })
     }
 
     /// Runs `f` on the state; the answer is released once what was applied before is durable.

@@ -80,9 +80,11 @@ fn checked(body: &Value, keep_events: bool) -> Result<(Vec<StoredRecord>, Record
     let expected_seq = body["expected_seq"].as_u64().unwrap_or(0);
     let items = body["records"].as_array().map(Vec::as_slice).unwrap_or_default();
     if items.len() > MAX_BATCH_RECORDS {
-        return Err(WireError::new(
-            ErrorCode::TooLarge,
+        return Err(WireError::too_large(
             format!("{} records; at most {MAX_BATCH_RECORDS} per append", items.len()),
+            "storage.append_records",
+            MAX_BATCH_RECORDS as u64,
+            Some(items.len() as u64),
         ));
     }
     let mut out: Vec<StoredRecord> = Vec::with_capacity(items.len());

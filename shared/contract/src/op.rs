@@ -131,9 +131,16 @@ pub enum Operation {
         /// Operations performed.
         ops: u64,
     },
-    /// The passage of time, issued only by the sequencer; deadlines that it passes fire.
+    /// The passage of time, issued only by the sequencer; deadlines that it passes fire, in
+    /// firing order, at most `max_fired` of them (the rest at later ticks), so that the record
+    /// stays within the kernel's bound on a record's size.
     #[serde(rename = "system.tick")]
-    Tick {},
+    Tick {
+        /// The most deadlines this tick fires; absent (in logs written before the bound
+        /// existed) means every passed deadline.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_fired: Option<u32>,
+    },
 }
 
 /// What an operation needs from the caller's capabilities.
@@ -201,7 +208,7 @@ impl Operation {
             Operation::ReportMemory { .. } => 11,
             Operation::ReportCpu { .. } => 12,
             Operation::ReportIo { .. } => 13,
-            Operation::Tick {} => 14,
+            Operation::Tick { .. } => 14,
         }
     }
 
@@ -226,7 +233,7 @@ impl Operation {
             Operation::ReportMemory { agent, .. }
             | Operation::ReportCpu { agent, .. }
             | Operation::ReportIo { agent, .. } => Cap(Action::Report, Resource::Agent(*agent)),
-            Operation::Tick {} => Requirement::SequencerOnly,
+            Operation::Tick { .. } => Requirement::SequencerOnly,
         }
     }
 }
@@ -242,8 +249,11 @@ mod tests {
         let json = serde_json::to_value(&op).unwrap();
         assert_eq!(json, serde_json::json!({"type": "agent.resume", "agent": agent.to_string()}));
         assert_eq!(serde_json::from_value::<Operation>(json).unwrap(), op);
-        let tick = serde_json::to_value(Operation::Tick {}).unwrap();
-        assert_eq!(tick, serde_json::json!({"type": "system.tick"}));
+        let tick = serde_json::to_value(Operation::Tick { max_fired: Some(2_000) }).unwrap();
+        assert_eq!(tick, serde_json::json!({"type": "system.tick", "max_fired": 2_000}));
+        // A tick of a log written before the bound fires every passed deadline.
+        let old: Operation = serde_json::from_value(serde_json::json!({"type": "system.tick"})).unwrap();
+        assert_eq!(old, Operation::Tick { max_fired: None });
     }
 
     #[test]

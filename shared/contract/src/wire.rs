@@ -123,6 +123,17 @@ impl WireError {
         self
     }
 
+    /// A `too_large` error that names the bound it hit: `details` holds `limit` (the bound's
+    /// name: a setting such as `kernel.max_record_bytes`, or `nats.max_payload`), `max` (its
+    /// value) and, when known, `size` (what the request came to, in the bound's unit).
+    pub fn too_large(message: impl Into<String>, limit: &str, max: u64, size: Option<u64>) -> Self {
+        let error = WireError::new(ErrorCode::TooLarge, message).with_detail("limit", limit).with_detail("max", max);
+        match size {
+            Some(size) => error.with_detail("size", size),
+            None => error,
+        }
+    }
+
     /// Sets the retry hint.
     pub fn with_retry_after_ms(mut self, ms: u64) -> Self {
         self.retry_after_ms = Some(ms);

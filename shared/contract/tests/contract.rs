@@ -341,7 +341,7 @@ fn operation() -> impl Strategy<Value = Operation> {
             write_bytes,
             ops
         }),
-        Just(Operation::Tick {}),
+        proptest::option::of(1u32..100_000).prop_map(|max_fired| Operation::Tick { max_fired }),
     ]
 }
 
@@ -517,7 +517,12 @@ proptest! {
         let reply = if ok {
             Reply::Ok(SubmitReply { seq, time_us: time, events, agent_token: None, task_payload: None })
         } else {
-            Reply::Error(WireError { retry_after_ms: retry, ..WireError::new(code, msg) })
+            let error = match code {
+                // A too_large error names the bound it hit.
+                ErrorCode::TooLarge => WireError::too_large(msg, "kernel.max_record_bytes", seq, retry),
+                code => WireError::new(code, msg),
+            };
+            Reply::Error(WireError { retry_after_ms: retry, ..error })
         };
         check(&reply)?;
     }

@@ -84,7 +84,9 @@ impl RequestError {
     pub fn to_wire(&self) -> WireError {
         match self {
             RequestError::Remote(e) => e.clone(),
-            RequestError::TooLarge { .. } => WireError::new(ErrorCode::TooLarge, self.to_string()),
+            RequestError::TooLarge { size, max } => {
+                WireError::too_large(self.to_string(), "nats.max_payload", *max as u64, Some(*size as u64))
+            }
             RequestError::NoResponders(_) | RequestError::Timeout(_) | RequestError::Transport { .. } => {
                 WireError::new(ErrorCode::Unavailable, self.to_string()).with_retry_after_ms(1_000)
             }
@@ -234,9 +236,9 @@ impl Bus {
         async {
             let payload = serde_json::to_vec(body)
                 .map_err(|e| RequestError::Transport { subject: subject.to_owned(), reason: e.to_string() })?;
-            let max = self.max_payload();
-            if payload.len() > max {
-                return Err(RequestError::TooLarge { size: payload.len(), max });
+            let (size, max) = (payload.len(), self.max_payload());
+            if size > max {
+                return Err(RequestError::TooLarge { size, max });
             }
             let mut headers = HeaderMap::new();
             observe::inject(&tracing::Span::current(), &mut headers);
@@ -247,7 +249,7 @@ impl Bus {
                 match e.kind() {
                     NoResponders => RequestError::NoResponders(subject.to_owned()),
                     TimedOut => RequestError::Timeout(subject.to_owned()),
-                    MaxPayloadExceeded => RequestError::TooLarge { size: 0, max },
+                    MaxPayloadExceeded => RequestError::TooLarge { size, max },
                     InvalidSubject | Other => {
                         RequestError::Transport { subject: subject.to_owned(), reason: e.to_string() }
                     }

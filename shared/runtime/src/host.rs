@@ -462,9 +462,12 @@ async fn finish<Rep, Fut>(
         };
         let mut parts = ReplyParts::of(&reply);
         if parts.body.len() > max_payload {
-            parts = ReplyParts::error(&WireError::new(
-                ErrorCode::TooLarge,
-                format!("reply of {} bytes exceeds max_payload {max_payload}", parts.body.len()),
+            let size = parts.body.len();
+            parts = ReplyParts::error(&WireError::too_large(
+                format!("reply of {size} bytes exceeds the server's max_payload of {max_payload} bytes"),
+                "nats.max_payload",
+                max_payload as u64,
+                Some(size as u64),
             ));
         }
         let code = match &reply {

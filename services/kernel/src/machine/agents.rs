@@ -10,6 +10,9 @@ use toka_contract::{AgentId, Event, TaskId};
 
 use super::{Agent, Ctx, Error, State};
 
+/// The agents a terminate reaches, in pre-order, each with its open tasks.
+pub(super) type Cascade = Vec<(AgentId, Vec<TaskId>)>;
+
 impl State {
     pub(super) fn spawn(&mut self, spec: &AgentSpec, ctx: &Ctx<'_>) -> Result<Vec<Event>, Error> {
         if let Some(parent) = spec.parent {
@@ -65,6 +68,23 @@ impl State {
     }
 
     pub(super) fn terminate(&mut self, id: AgentId, reason: &str) -> Result<Vec<Event>, Error> {
+        let (cascade, events) = self.terminate_plan(id, reason)?;
+        for (agent, open) in cascade {
+            for task in open {
+                self.finish(task, TaskState::Cancelled);
+            }
+            self.set_agent_state(agent, AgentState::Terminated);
+        }
+        Ok(events)
+    }
+
+    /// What terminating `id` does, computed without changing anything: each agent of the
+    /// subtree still alive, in pre-order, with its open tasks; and the events.
+    pub(super) fn terminate_plan(
+        &self,
+        id: AgentId,
+        reason: &str,
+    ) -> Result<(Cascade, Vec<Event>), Error> {
         self.live_agent(id)?;
         // The subtree in pre-order; terminated descendants have terminated subtrees already.
         let mut order = Vec::new();
@@ -78,18 +98,18 @@ impl State {
             stack.extend(agent.children.iter().rev().copied());
         }
         let mut events = Vec::new();
+        let mut cascade = Vec::with_capacity(order.len());
         for agent in order {
             let open: Vec<TaskId> =
                 self.agents.get(&agent).map(|a| a.open_tasks.iter().copied().collect()).unwrap_or_default();
-            for task in open {
-                self.finish(task, TaskState::Cancelled);
+            for &task in &open {
                 events.push(Event::TaskCancelled { task, reason: format!("owner {agent} terminated") });
             }
-            self.set_agent_state(agent, AgentState::Terminated);
             let cascade_from = (agent != id).then_some(id);
             events.push(Event::AgentTerminated { agent, cascade_from, reason: reason.to_owned() });
+            cascade.push((agent, open));
         }
-        Ok(events)
+        Ok((cascade, events))
     }
 
     pub(super) fn set_agent_state(&mut self, id: AgentId, state: AgentState) {

@@ -76,6 +76,15 @@ pub enum Error {
     /// The operation id was used before for a different operation or by another principal.
     #[error("operation id {0} was already used for a different operation")]
     OpIdReused(OpId),
+    /// The operation's record could exceed the bound on a record's size (a terminate of a very
+    /// large subtree, or an operation with very large texts).
+    #[error("the record of this operation could reach {bytes} bytes, over kernel.max_record_bytes = {limit}")]
+    RecordTooLarge {
+        /// What the record could come to.
+        bytes: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// The sequencer handed out a sequence that does not follow the last one (a sequencer bug).
     #[error("sequence {given} does not follow {last}")]
     OutOfSequence {
@@ -111,6 +120,7 @@ impl Error {
             Error::StaleAttempt { .. } => "task.stale_attempt",
             Error::TaskFinished { .. } => "task.finished",
             Error::OpIdReused(_) => "op.id_reused",
+            Error::RecordTooLarge { .. } => "record.too_large",
             Error::OutOfSequence { .. } => "sequencer.out_of_sequence",
             Error::ClockWentBack { .. } => "sequencer.clock_went_back",
         }
@@ -128,6 +138,7 @@ impl Error {
             | Error::StaleAttempt { .. }
             | Error::TaskFinished { .. }
             | Error::OpIdReused(_) => ErrorCode::Conflict,
+            Error::RecordTooLarge { .. } => ErrorCode::TooLarge,
             Error::OutOfSequence { .. } | Error::ClockWentBack { .. } => ErrorCode::Internal,
         }
     }
@@ -135,7 +146,13 @@ impl Error {
 
 impl From<&Error> for WireError {
     fn from(e: &Error) -> Self {
-        let wire = WireError::new(e.code(), e.to_string()).with_detail("rule", e.rule());
+        let wire = match e {
+            Error::RecordTooLarge { bytes, limit } => {
+                WireError::too_large(e.to_string(), "kernel.max_record_bytes", *limit as u64, Some(*bytes as u64))
+            }
+            _ => WireError::new(e.code(), e.to_string()),
+        };
+        let wire = wire.with_detail("rule", e.rule());
         match e {
             Error::Forbidden { resource, .. } => wire.with_detail("resource", resource.as_str()),
             _ => wire,

@@ -10,6 +10,7 @@
 //! - `agents`, `tasks`: what each operation does to agents and tasks.
 //! - `views`: what queries and the sequencer read from the state.
 //! - `invariants`: the internal invariants the tests check after every operation.
+//! - `size`: the bound on a record's size, checked before an operation is applied.
 //! - `snapshot`: the canonical, versioned binary encoding, its hash, and restore.
 //!
 //! Time only moves through `system.tick`: deadlines (schedule-to-start, start-to-close,
@@ -18,6 +19,7 @@
 mod agents;
 mod error;
 mod invariants;
+mod size;
 mod snapshot;
 mod tasks;
 mod views;
@@ -35,6 +37,7 @@ use toka_contract::spec::{AgentName, Principal, QueueName};
 use toka_contract::{AgentId, Capability, Event, KernelRecord, OpId, Operation, TaskId};
 
 pub use error::Error;
+pub use size::{MAX_DEADLINE_EVENTS_BYTES, RECORD_ENVELOPE_BYTES, json_len, max_fired_within};
 pub use snapshot::{FORMAT_VERSION, SnapshotError, hash_encoded};
 
 /// How far back duplicates are recognised by default, in sequence numbers.
@@ -303,7 +306,7 @@ impl State {
             Operation::ReportIo { agent, read_bytes, write_bytes, ops } => {
                 self.report_io(*agent, *read_bytes, *write_bytes, *ops)?
             }
-            Operation::Tick {} => self.tick(ctx.time_us),
+            Operation::Tick { max_fired } => self.tick(ctx.time_us, *max_fired),
         };
         self.last_seq = ctx.seq;
         self.last_time_us = ctx.time_us;
@@ -356,7 +359,7 @@ impl State {
 
     fn remember(&mut self, op: &Operation, ctx: &Ctx<'_>, events: &[Event]) {
         // Ticks come from the sequencer and are never retried by a client.
-        if !matches!(op, Operation::Tick {}) {
+        if !matches!(op, Operation::Tick { .. }) {
             let first =
                 Remembered { seq: ctx.seq, principal: ctx.principal.clone(), op: op.clone(), events: events.to_vec() };
             self.recent.insert(ctx.op_id, first);

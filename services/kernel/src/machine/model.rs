@@ -58,6 +58,7 @@ enum Step {
     },
     Tick {
         advance_us: u64,
+        max_fired: Option<u32>,
     },
     Retry(usize),
     Narrow(usize),
@@ -80,7 +81,7 @@ fn step() -> impl Strategy<Value = (Step, bool, u64)> {
         1 => pick().prop_map(Step::Cancel),
         2 => pick().prop_map(Step::Observe),
         2 => (pick(), 0u8..3, 0u64..2_000).prop_map(|(agent, kind, amount)| Step::Report { agent, kind, amount }),
-        2 => (0u64..300_000).prop_map(|advance_us| Step::Tick { advance_us }),
+        2 => (0u64..300_000, proptest::option::of(1u32..4)).prop_map(|(advance_us, max_fired)| Step::Tick { advance_us, max_fired }),
         1 => pick().prop_map(Step::Retry),
         1 => pick().prop_map(Step::Narrow),
     ];
@@ -235,9 +236,9 @@ impl Run {
                 };
                 (admin, op)
             }
-            Step::Tick { advance_us } => {
+            Step::Tick { advance_us, max_fired } => {
                 self.time += advance_us;
-                ("toka-kernel".to_owned(), Operation::Tick {})
+                ("toka-kernel".to_owned(), Operation::Tick { max_fired })
             }
             Step::Retry(i) => {
                 let Some((op_id, principal, op)) = self.applied.get(i % self.applied.len().max(1)).cloned() else {
@@ -279,7 +280,7 @@ impl Run {
                 return;
             }
         };
-        let tick = matches!(op, Operation::Tick {});
+        let tick = matches!(op, Operation::Tick { .. });
         let caps = if tick { Vec::new() } else { caps() };
         let _ = self.submit(&principal, &caps, op);
     }
@@ -288,7 +289,8 @@ impl Run {
         self.next_op += 1;
         let op_id = OpId::from_u128(self.next_op);
         let principal: Principal = principal.parse().unwrap();
-        let authority = if matches!(op, Operation::Tick {}) { Authority::Sequencer } else { Authority::Client(caps) };
+        let authority =
+            if matches!(op, Operation::Tick { .. }) { Authority::Sequencer } else { Authority::Client(caps) };
         let ctx = Ctx { seq: self.state.last_seq() + 1, time_us: self.time, op_id, principal: &principal, authority };
         let before = self.state.clone();
         self.submitted += 1;
@@ -302,7 +304,7 @@ impl Run {
                     Record::seal(ctx.seq, op_id, principal.clone(), ctx.time_us, op.clone(), events.clone(), prev)
                         .unwrap();
                 self.log.push(record);
-                if !matches!(op, Operation::Tick {}) {
+                if !matches!(op, Operation::Tick { .. }) {
                     self.applied.push((op_id, principal, op));
                     if self.applied.len() > 20 {
                         self.applied.remove(0);

@@ -188,12 +188,15 @@ impl State {
         Ok(vec![Event::TaskCancelled { task: id, reason: reason.to_owned() }])
     }
 
-    pub(super) fn tick(&mut self, now: u64) -> Vec<Event> {
+    /// Fires the deadlines due by `now`, in firing order, at most `max_fired` of them.
+    pub(super) fn tick(&mut self, now: u64, max_fired: Option<u32>) -> Vec<Event> {
         let mut events = Vec::new();
+        let mut left = max_fired.unwrap_or(u32::MAX);
         while let Some(&(due, id, which)) = self.deadlines.get_min() {
-            if due > now {
+            if due > now || left == 0 {
                 break;
             }
+            left -= 1;
             self.clear_deadline(id, which);
             let Some(task) = self.tasks.get(&id) else { continue };
             let attempt = task.attempt;

@@ -3,6 +3,7 @@
 
 use toka_contract::record::Hash;
 use toka_contract::spec::{AgentSpec, ObservationKind, ResourceLimits, RetryPolicy, TaskSpec, Timeouts};
+use toka_contract::wire::WireError;
 use toka_contract::{Action, Pattern, Record};
 
 use super::*;
@@ -56,7 +57,7 @@ impl Harness {
     ) -> Result<Outcome, Error> {
         self.time += 10;
         let before = self.state.hash().unwrap();
-        let authority = if matches!(op, Operation::Tick {}) && caps.is_empty() {
+        let authority = if matches!(op, Operation::Tick { .. }) && caps.is_empty() {
             Authority::Sequencer
         } else {
             Authority::Client(caps)
@@ -100,10 +101,15 @@ impl Harness {
 
     /// A tick at `time` (which must not be in the past).
     fn tick_at(&mut self, time: u64) -> Vec<Event> {
+        self.tick_at_most(time, None)
+    }
+
+    /// A tick at `time` firing at most `max_fired` deadlines.
+    fn tick_at_most(&mut self, time: u64, max_fired: Option<u32>) -> Vec<Event> {
         self.time = time - 10;
         let id = self.op_id();
         let kernel: Principal = "toka-kernel".parse().unwrap();
-        match self.submit_with(id, &kernel, &[], Operation::Tick {}).unwrap() {
+        match self.submit_with(id, &kernel, &[], Operation::Tick { max_fired }).unwrap() {
             Outcome::Applied(events) => events,
             Outcome::Duplicate { .. } => unreachable!(),
         }
@@ -644,7 +650,7 @@ fn queue_capabilities_follow_the_task_to_its_queue() {
 fn only_the_sequencer_ticks() {
     let mut h = Harness::new();
     let caps = h.caps.clone();
-    assert_eq!(h.submit_as("operator", &caps, Operation::Tick {}), Err(Error::SequencerOnly));
+    assert_eq!(h.submit_as("operator", &caps, Operation::Tick { max_fired: None }), Err(Error::SequencerOnly));
 }
 
 #[test]
@@ -860,4 +866,140 @@ fn the_state_machine_source_uses_nothing_nondeterministic() {
             assert!(!text.contains(word), "machine/{file} uses {word}");
         }
     }
+}
+
+#[test]
+fn a_tick_fires_at_most_max_fired_deadlines_in_firing_order() {
+    let mut h = Harness::new();
+    let a = h.spawn(None);
+    let tasks: Vec<TaskId> = (0..5)
+        .map(|i| {
+            let timeouts = Timeouts { schedule_to_start_us: Some(1_000 - i * 100), ..Timeouts::default() };
+            h.schedule_with(a, "q", 0, timeouts, RetryPolicy::default())
+        })
+        .collect();
+    let fired = |events: &[Event]| -> Vec<TaskId> {
+        events
+            .iter()
+            .map(|e| match e {
+                Event::TaskTimedOut { task, .. } => *task,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    // Scheduled 10 µs apart with deadlines 100 µs shorter each: the last is due first.
+    let later = h.time + 10_000;
+    assert_eq!(fired(&h.tick_at_most(later, Some(2))), [tasks[4], tasks[3]]);
+    assert_eq!(fired(&h.tick_at_most(later + 20, Some(2))), [tasks[2], tasks[1]]);
+    assert_eq!(h.state.next_deadline_us().map(|d| d < later), Some(true), "one left, already due");
+    assert_eq!(fired(&h.tick_at_most(later + 40, None)), [tasks[0]]);
+    assert_eq!(h.state.next_deadline_us(), None);
+}
+
+#[test]
+fn one_fired_deadline_produces_at_most_max_deadline_events_bytes() {
+    let task = TaskId::mint(u64::MAX, u64::MAX, u16::MAX);
+    let longest = [TimeoutKind::ScheduleToStart, TimeoutKind::StartToClose, TimeoutKind::Heartbeat]
+        .into_iter()
+        .map(|t| format!("{} timeout", t.as_str()))
+        .max_by_key(String::len)
+        .unwrap();
+    let timed_out = Event::TaskTimedOut {
+        task,
+        attempt: u32::MAX,
+        timeout: TimeoutKind::ScheduleToStart,
+        retry_at_us: Some(u64::MAX),
+    };
+    let parked = Event::TaskParked { task, attempts: u32::MAX, reason: longest };
+    let worst = json_len(&timed_out) + 1 + json_len(&parked) + 1;
+    assert!(worst <= MAX_DEADLINE_EVENTS_BYTES, "{worst} bytes");
+}
+
+#[test]
+fn every_operations_record_stays_within_its_bound_at_the_longest_texts() {
+    let mut h = Harness::new();
+    // The longest texts the schemas allow, each character escaped on the wire (`\u0001`).
+    let text = "\u{1}".repeat(65_536);
+    let short = "\u{1}".repeat(1_024);
+    let principal = format!("a{}", "b".repeat(127));
+    let caps = h.caps.clone();
+    let check = |h: &mut Harness, op: Operation| -> Vec<Event> {
+        let bound = h.state.events_bound(&op);
+        let op_len = json_len(&op);
+        let events = h.submit_as(&principal, &caps, op.clone()).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        assert!(json_len(&events) <= bound, "{}: events of {} bytes over {bound}", op.type_name(), json_len(&events));
+        let record = json_len(h.log.last().unwrap());
+        assert!(record <= RECORD_ENVELOPE_BYTES + op_len + bound, "{}: record of {record} bytes", op.type_name());
+        events
+    };
+    let name: AgentName = "n".repeat(64).parse().unwrap();
+    let limits = ResourceLimits { memory_bytes: Some(1), cpu_millicores: Some(1), io_bytes: Some(1) };
+    let spawn = |parent| Operation::SpawnAgent(AgentSpec { name: name.clone(), parent, limits });
+    let Event::AgentSpawned { agent: root, .. } = check(&mut h, spawn(None))[0] else { panic!() };
+    let Event::AgentSpawned { agent: child, .. } = check(&mut h, spawn(Some(root)))[0] else { panic!() };
+    check(&mut h, Operation::SuspendAgent { agent: child, reason: short.clone() });
+    check(&mut h, Operation::ResumeAgent { agent: child });
+    let retry = RetryPolicy { max_attempts: 1, initial_backoff_us: 1, backoff_multiplier_pct: 100, max_backoff_us: 1 };
+    let queue: QueueName = "q".repeat(64).parse().unwrap();
+    let schedule = Operation::ScheduleTask(TaskSpec {
+        agent: child,
+        queue: queue.clone(),
+        payload: text.clone(),
+        priority: u8::MAX,
+        timeouts: Timeouts { heartbeat_us: Some(u64::MAX / 4), ..Timeouts::default() },
+        retry,
+    });
+    let claim = Operation::ClaimTask { queue: queue.clone(), worker: short.clone() };
+    let next_task = |h: &mut Harness| {
+        check(h, schedule.clone());
+        let Event::TaskClaimed { task, .. } = check(h, claim.clone())[0] else { panic!() };
+        task
+    };
+    let task = next_task(&mut h);
+    check(&mut h, Operation::HeartbeatTask { task, attempt: 1 });
+    // The last attempt fails: task.failed and task.parked both carry the error.
+    assert_eq!(check(&mut h, Operation::FailTask { task, attempt: 1, error: text.clone(), retryable: true }).len(), 2);
+    let task = next_task(&mut h);
+    check(&mut h, Operation::CompleteTask { task, attempt: 1, result: text.clone() });
+    check(&mut h, schedule.clone());
+    let open = next_task(&mut h);
+    check(&mut h, Operation::CancelTask { task: open, reason: short.clone() });
+    let kind: ObservationKind = "k".repeat(64).parse().unwrap();
+    check(&mut h, Operation::EmitObservation { agent: child, kind, body: text.clone() });
+    check(&mut h, Operation::ReportMemory { agent: child, bytes: u64::MAX });
+    check(&mut h, Operation::ReportCpu { agent: child, millicores: u64::MAX });
+    check(
+        &mut h,
+        Operation::ReportIo { agent: child, read_bytes: u64::MAX / 2, write_bytes: u64::MAX / 2, ops: u64::MAX },
+    );
+    check(&mut h, schedule.clone());
+    check(&mut h, Operation::TerminateAgent { agent: root, reason: short.clone() });
+}
+
+#[test]
+fn a_terminate_whose_record_would_exceed_the_bound_is_refused_before_anything_changes() {
+    let mut h = Harness::new();
+    let root = h.spawn(None);
+    for _ in 0..200 {
+        let child = h.spawn(Some(root));
+        h.schedule(child, "q");
+    }
+    let op = Operation::TerminateAgent { agent: root, reason: "cleanup".into() };
+    // Exact for a terminate: the events' array is what the bound says.
+    let bound = h.state.events_bound(&op);
+    let fits = RECORD_ENVELOPE_BYTES + json_len(&op) + bound;
+    let before = h.state.hash().unwrap();
+    let refused = h.state.check_record_size(&op, fits - 1).unwrap_err();
+    assert_eq!(refused, Error::RecordTooLarge { bytes: fits, limit: fits - 1 });
+    let wire = WireError::from(&refused);
+    assert_eq!(wire.code, toka_contract::wire::ErrorCode::TooLarge);
+    assert_eq!(
+        (wire.details["limit"].as_str(), wire.details["max"].as_u64(), wire.details["size"].as_u64()),
+        (Some("kernel.max_record_bytes"), Some(fits as u64 - 1), Some(fits as u64))
+    );
+    assert_eq!(h.state.hash().unwrap(), before, "checking changed nothing");
+    h.state.check_record_size(&op, fits).unwrap();
+    let events = h.ok(op);
+    assert_eq!(events.len(), 401);
+    assert_eq!(json_len(&events), bound);
 }

@@ -25,6 +25,7 @@ fn settings(max_in_flight: usize) -> Settings {
     Settings {
         max_batch_records: 1_000,
         max_batch_bytes: 800_000,
+        max_record_bytes: 512 * 1024,
         max_in_flight,
         tick: Duration::from_millis(10),
         snapshot_every: 0,
@@ -242,7 +243,10 @@ async fn a_passed_deadline_fires_through_a_logged_tick() {
     let waited = scheduled_at.elapsed();
     assert!(waited >= Duration::from_millis(50) && waited <= Duration::from_millis(70), "fired after {waited:?}");
     let tick = &log.records()[2];
-    assert_eq!((&tick.op, tick.principal.as_str()), (&Operation::Tick {}, super::SEQUENCER));
+    assert_eq!(
+        (&tick.op, tick.principal.as_str()),
+        (&Operation::Tick { max_fired: Some(crate::machine::max_fired_within(512 * 1024)) }, super::SEQUENCER)
+    );
     assert!(matches!(
         &tick.events[..],
         [Event::TaskTimedOut { timeout: TimeoutKind::ScheduleToStart, retry_at_us: None, .. }]
@@ -413,4 +417,94 @@ fn a_log_written_by_an_earlier_kernel_replays_to_its_state_hash() {
     assert_eq!(records.len(), 33);
     let expected = include_str!("../../fixtures/kernel-log-v1.state-hash").trim();
     assert_eq!(state.hash().unwrap().to_string(), expected);
+}
+
+/// The agent a spawn made.
+fn spawned(events: &[Event]) -> toka_contract::AgentId {
+    match events {
+        [Event::AgentSpawned { agent, .. }] => *agent,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backlog_of_passed_deadlines_fires_over_ticks_that_each_fit_the_record_bound() {
+    let log = MemoryLog::default();
+    let max_record_bytes = 16 * 1024;
+    let kernel = start(&log, Settings { max_record_bytes, ..settings(2) }).await;
+    let applied = kernel.send(1, spawn("owner")).await.unwrap().unwrap();
+    let agent = spawned(&applied.accepted.events);
+    let timeouts = Timeouts { schedule_to_start_us: Some(50_000), ..Timeouts::default() };
+    let waits: Vec<_> = (0..500)
+        .map(|i| {
+            let spec = TaskSpec {
+                agent,
+                queue: "jobs".parse().unwrap(),
+                payload: String::new(),
+                priority: 0,
+                timeouts,
+                retry: Default::default(),
+            };
+            kernel.send(2 + i, Operation::ScheduleTask(spec))
+        })
+        .collect();
+    for wait in waits {
+        wait.await.unwrap().unwrap().durable.await.unwrap().unwrap();
+    }
+    let mut hashes = kernel.hashes.clone();
+    let fired = |log: &MemoryLog| {
+        log.records().iter().flat_map(|r| r.events.clone()).filter(|e| matches!(e, Event::TaskTimedOut { .. })).count()
+    };
+    let mut waited = 0;
+    while fired(&log) < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 10;
+        assert!(waited < 2_000, "{} of 500 fired", fired(&log));
+    }
+    let per_tick = crate::machine::max_fired_within(max_record_bytes);
+    let ticks: Vec<_> = log.records().into_iter().filter(|r| matches!(r.op, Operation::Tick { .. })).collect();
+    assert_eq!(ticks.len(), 500usize.div_ceil(per_tick as usize), "{per_tick} deadlines a tick");
+    for tick in &ticks {
+        assert_eq!(tick.op, Operation::Tick { max_fired: Some(per_tick) });
+        let bytes = serde_json::to_vec(tick).unwrap().len();
+        assert!(bytes <= max_record_bytes, "a tick of {bytes} bytes");
+    }
+    // Replay fires the same deadlines at the same ticks.
+    let last = log.records().len() as u64;
+    hashes.wait_for(|(seq, _)| *seq == last).await.unwrap();
+    assert_eq!(replayed(&log).await.hash().unwrap(), hashes.borrow().1);
+    kernel.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_terminate_too_large_for_a_record_is_refused_and_the_kernel_goes_on() {
+    let log = MemoryLog::default();
+    let kernel = start(&log, Settings { max_record_bytes: 16 * 1024, ..settings(2) }).await;
+    let root = spawned(&kernel.send(1, spawn("root")).await.unwrap().unwrap().accepted.events);
+    let children: Vec<_> = (0..300)
+        .map(|i| {
+            let spec = AgentSpec { name: "child".parse().unwrap(), parent: Some(root), limits: Default::default() };
+            kernel.send(2 + i, Operation::SpawnAgent(spec))
+        })
+        .collect();
+    for child in children {
+        child.await.unwrap().unwrap().durable.await.unwrap().unwrap();
+    }
+    let mut hashes = kernel.hashes.clone();
+    hashes.wait_for(|(seq, _)| *seq == 301).await.unwrap();
+    let before = hashes.borrow().1;
+    let refused = kernel.send(400, Operation::TerminateAgent { agent: root, reason: "all".into() }).await.unwrap();
+    let error = refused.unwrap_err();
+    assert_eq!(error.code, ErrorCode::TooLarge);
+    assert_eq!(
+        (error.details["limit"].as_str(), error.details["max"].as_u64()),
+        (Some("kernel.max_record_bytes"), Some(16_384))
+    );
+    // Nothing changed, nothing was logged, and the kernel takes the next operation.
+    assert_eq!(kernel.durable(401, spawn("after")).await, Ok(302));
+    assert_eq!(log.records().len(), 302);
+    hashes.wait_for(|(seq, _)| *seq == 302).await.unwrap();
+    assert_eq!(replayed(&log).await.hash().unwrap(), hashes.borrow().1);
+    assert_ne!(before, hashes.borrow().1);
+    kernel.stop().await;
 }

@@ -118,7 +118,7 @@ impl Stack {
     }
 
     async fn jwks(&self) -> JwksReply {
-        self.client.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await.unwrap()
+        self.client.request(subject::AUTH_JWKS.subject, &JwksRequest::default()).await.unwrap()
     }
 
     /// The audit log as the operator reads it.
@@ -718,7 +718,7 @@ async fn auth_is_not_ready_until_the_audit_log_answers_then_makes_its_first_key(
     let _storage = start_storage(&nats, &dir.path().join("storage")).await;
     assert_eventually!(Duration::from_secs(10), crate::harness::http_get(addr, "/readyz").await.0 == 200, "ready");
     let client = nats.connect(Role::Operator).await;
-    let jwks: JwksReply = client.request(subject::AUTH_JWKS.subject, &JwksRequest {}).await.unwrap();
+    let jwks: JwksReply = client.request(subject::AUTH_JWKS.subject, &JwksRequest::default()).await.unwrap();
     assert_eq!(jwks.keys.len(), 1, "the first key was made");
     let _ = stop.send(());
     run.await.unwrap().unwrap();

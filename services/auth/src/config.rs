@@ -39,8 +39,10 @@ pub struct AuthConfig {
     /// This replica's name (letters, digits, `-`, `_`); random when empty.
     pub instance: String,
     /// Rate limits for each operation class: `issue`, `rotate` (per caller), `delegate`,
-    /// `revoke` (per token root), `read` (JWKS and revocations for clients, all together) and
-    /// `service_read` (the same for the services' verifiers, on their own subjects).
+    /// `revoke` (per token root), `read` (JWKS and revocations, per root of the client's
+    /// token), `service_read` (the same for the services' verifiers, on their own subjects) and
+    /// `unverified` (per endpoint, shared by every request whose credential does not verify,
+    /// or that reads the keys without a token).
     pub rate_limits: BTreeMap<String, Rate>,
     /// The NATS auth callout, which admits clients connecting with a token.
     pub callout: CalloutConfig,
@@ -92,6 +94,7 @@ impl Default for AuthConfig {
                 ("rotate".to_owned(), Rate::new(1, 3)),
                 ("read".to_owned(), Rate::new(1_000, 2_000)),
                 ("service_read".to_owned(), Rate::new(1_000, 2_000)),
+                ("unverified".to_owned(), Rate::new(20, 50)),
             ]),
             callout: CalloutConfig::default(),
         }

@@ -120,19 +120,19 @@ impl Auth {
                          (`toka nats-config` writes <dir>/creds/admin.key), or present a token with this capability",
                     );
                     self.ledger.deny(UNVERIFIED, what, "token:*", &e.message);
-                    return Err(e);
+                    return Err(self.unverified(what, e));
                 };
                 if blake3::hash(key.trim().as_bytes()) != expected {
                     let e = WireError::new(ErrorCode::Unauthorized, "the admin key does not match");
                     self.ledger.deny(UNVERIFIED, what, "token:*", &e.message);
-                    return Err(e);
+                    return Err(self.unverified(what, e));
                 }
                 Ok(self.admin_principal.clone())
             }
             Credential::Token(token) => {
                 let claims = self.verify(token).map_err(|e| {
                     self.ledger.deny(UNVERIFIED, what, "token:*", &e.to_string());
-                    WireError::from(&e)
+                    self.unverified(what, WireError::from(&e))
                 })?;
                 authorize(&claims, action, Target::Tokens)
                     .inspect_err(|e| self.ledger.deny(claims.sub.as_str(), what, "token:*", &e.message))?;
@@ -143,6 +143,27 @@ impl Auth {
 
     pub(crate) fn limit(&self, class: &str, principal: &str) -> Result<(), WireError> {
         self.limits.check(class, principal)
+    }
+
+    /// A refusal for a credential that did not verify, unless the endpoint's `unverified`
+    /// budget (shared by every such request, apart from every root's) is spent: then
+    /// `rate_limited`.
+    pub(crate) fn unverified(&self, endpoint: &str, refusal: WireError) -> WireError {
+        self.limit("unverified", endpoint).err().unwrap_or(refusal)
+    }
+
+    /// The budget of a read of the keys or revocations: the services' own on their subjects;
+    /// a client's root's `read` budget when its token verifies; else the endpoint's
+    /// `unverified` one.
+    pub(crate) fn read_budget(&self, service: bool, endpoint: &str, token: Option<&str>) -> Result<(), WireError> {
+        if service {
+            return self.limit("service_read", "services");
+        }
+        // The keys are public: a token that does not verify reads as no token.
+        match token.map(|t| self.verify(t)) {
+            Some(Ok(claims)) => self.limit("read", claims.root().as_str()),
+            Some(Err(_)) | None => self.limit("unverified", endpoint),
+        }
     }
 
     pub(crate) fn sign(&self, claims: &Claims) -> Result<String, WireError> {
@@ -229,7 +250,7 @@ impl Auth {
     fn verified_parent(&self, token: &str) -> Result<Claims, WireError> {
         self.verify(token).map_err(|e| {
             self.ledger.deny(UNVERIFIED, "token.delegate", "token:*", &e.to_string());
-            WireError::from(&e)
+            self.unverified("token.delegate", WireError::from(&e))
         })
     }
 
@@ -290,7 +311,7 @@ impl Auth {
             Credential::Token(token) => {
                 let claims = self.verify(token).map_err(|e| {
                     self.ledger.deny(UNVERIFIED, "token.revoke", &resource, &e.to_string());
-                    WireError::from(&e)
+                    self.unverified("token.revoke", WireError::from(&e))
                 })?;
                 // Limited before any lookup in the log, per the chain's root.
                 self.limit("revoke", claims.root().as_str())?;

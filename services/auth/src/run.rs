@@ -190,22 +190,23 @@ async fn register(host: &mut Host, auth: &Arc<Auth>) -> Result<(), Error> {
     host.serve(subject::AUTH_AGENT_TOKEN, auth, |a, req| async move { a.agent_token(req).await }).await?;
     host.serve(subject::AUTH_REVOKE, auth, |a, req| async move { a.revoke(req).await }).await?;
     host.serve(subject::AUTH_ROTATE, auth, |a, req| async move { a.rotate(req).await }).await?;
-    // The keys and revocations, twice: for clients, who share the `read` budget, and for the
-    // services' verifiers, on subjects only services may publish to, with a budget of their own
+    // The keys and revocations, twice: for clients, each within its root's `read` budget (or,
+    // without a verified token, the endpoint's small `unverified` one), and for the services'
+    // verifiers, on subjects only services may publish to, with a budget of their own
     // (`service_read`), so no client flood keeps a kernel from starting or following a rotation.
-    for (endpoint, class) in [(subject::AUTH_JWKS, "read"), (subject::AUTH_SERVICE_JWKS, "service_read")] {
-        host.serve(endpoint, auth, move |a, _: JwksRequest| {
-            let reply = a.limit(class, "anyone").map(|()| read(&a.ring).jwks(now_us()));
+    for (endpoint, service) in [(subject::AUTH_JWKS, false), (subject::AUTH_SERVICE_JWKS, true)] {
+        host.serve(endpoint, auth, move |a, req: JwksRequest| {
+            let reply = a.read_budget(service, "jwks", req.token.as_deref()).map(|()| read(&a.ring).jwks(now_us()));
             async move { reply }
         })
         .await?;
     }
-    for (endpoint, class) in [(subject::AUTH_REVOCATIONS, "read"), (subject::AUTH_SERVICE_REVOCATIONS, "service_read")]
-    {
+    for (endpoint, service) in [(subject::AUTH_REVOCATIONS, false), (subject::AUTH_SERVICE_REVOCATIONS, true)] {
         host.serve(endpoint, auth, move |a, req: RevocationsRequest| {
             let page = req.limit.map_or(a.config.revocations_page, |l| l.min(a.config.revocations_page)) as usize;
-            let reply: Result<RevocationsReply, WireError> =
-                a.limit(class, "anyone").map(|()| a.ledger.fold_mut(|r| r.in_force(now_us(), req.after, page)));
+            let reply: Result<RevocationsReply, WireError> = a
+                .read_budget(service, "revocations", req.token.as_deref())
+                .map(|()| a.ledger.fold_mut(|r| r.in_force(now_us(), req.after, page)));
             async move { reply }
         })
         .await?;

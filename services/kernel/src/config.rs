@@ -36,7 +36,9 @@ pub struct KernelConfig {
     pub snapshot_every: u64,
     /// How far back, in sequence numbers, a repeated operation id returns the first result.
     pub idempotency_window: u64,
-    /// Rate limits per principal: `submit` (each operation) and `query`.
+    /// Rate limits: `submit` (each operation) and `query` per root of the caller's token
+    /// (the principal at the top of its chain); `unverified`, per endpoint class, shared by
+    /// every request whose token does not verify.
     pub rate_limits: BTreeMap<String, Rate>,
     /// The longest lifetime of a spawned agent's token, in milliseconds (never past the
     /// spawner's own token).
@@ -61,6 +63,7 @@ impl Default for KernelConfig {
             rate_limits: BTreeMap::from([
                 ("submit".to_owned(), Rate::new(20_000, 40_000)),
                 ("query".to_owned(), Rate::new(5_000, 10_000)),
+                ("unverified".to_owned(), Rate::new(20, 50)),
             ]),
             agent_token_ttl_ms: 3_600_000,
             audit_interval_ms: 1_000,

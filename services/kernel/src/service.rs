@@ -46,12 +46,17 @@ impl Kernel {
         })
     }
 
-    /// The claims of `token`; a token that does not verify is audited.
+    /// The claims of `token`. A token that does not verify is audited, and refused within the
+    /// small `unverified` budget of the endpoint class, shared by every such request and apart
+    /// from every root's: past it, `rate_limited`.
     pub(crate) async fn verified(&self, token: &str, class: &str) -> Result<Claims, WireError> {
-        self.verifier.verify(token).await.inspect_err(|e| {
-            if e.code == ErrorCode::Unauthorized {
-                self.audit.deny(UNVERIFIED, &format!("kernel.{class}"), "token", &e.message);
+        self.verifier.verify(token).await.map_err(|e| {
+            if e.code != ErrorCode::Unauthorized {
+                return e;
             }
+            let endpoint = format!("kernel.{class}");
+            self.audit.deny(UNVERIFIED, &endpoint, "token", &e.message);
+            self.limits.check("unverified", &endpoint).err().unwrap_or(e)
         })
     }
 

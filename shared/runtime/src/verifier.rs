@@ -94,7 +94,7 @@ pub trait AuthSource: Clone + Send + Sync + 'static {
 
 impl AuthSource for Bus {
     async fn jwks(&self) -> Result<JwksReply, RequestError> {
-        self.request(subject::AUTH_SERVICE_JWKS.subject, &JwksRequest {}).await
+        self.request(subject::AUTH_SERVICE_JWKS.subject, &JwksRequest::default()).await
     }
 
     /// Every page, one after the other. The epoch is the first page's: a revocation made while
@@ -104,8 +104,9 @@ impl AuthSource for Bus {
         let subject = subject::AUTH_SERVICE_REVOCATIONS.subject;
         let mut all: RevocationsReply = self.request(subject, &RevocationsRequest::default()).await?;
         while let Some(after) = all.next.take() {
-            let page: RevocationsReply =
-                self.request(subject, &RevocationsRequest { after: Some(after), limit: None }).await?;
+            let page: RevocationsReply = self
+                .request(subject, &RevocationsRequest { after: Some(after), ..RevocationsRequest::default() })
+                .await?;
             all.revoked.extend(page.revoked);
             all.next = page.next;
         }

@@ -80,11 +80,7 @@ impl State {
 
     /// What terminating `id` does, computed without changing anything: each agent of the
     /// subtree still alive, in pre-order, with its open tasks; and the events.
-    pub(super) fn terminate_plan(
-        &self,
-        id: AgentId,
-        reason: &str,
-    ) -> Result<(Cascade, Vec<Event>), Error> {
+    pub(super) fn terminate_plan(&self, id: AgentId, reason: &str) -> Result<(Cascade, Vec<Event>), Error> {
         self.live_agent(id)?;
         // The subtree in pre-order; terminated descendants have terminated subtrees already.
         let mut order = Vec::new();

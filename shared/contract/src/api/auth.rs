@@ -111,10 +111,16 @@ pub struct RevokeReply {
     pub epoch: u64,
 }
 
-/// `toka.auth.v1.jwks` (the request body is `{}`): RFC 7517 key set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `toka.auth.v1.jwks`: RFC 7517 key set. A client names itself with its token and reads
+/// within its root's `read` budget; without one (`{}`), or with one that does not verify, it
+/// shares the small `unverified` budget of the endpoint with every such request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct JwksRequest {}
+pub struct JwksRequest {
+    /// The caller's token, for its own budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
 
 /// One public key (RFC 8037 OKP, Ed25519).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +176,9 @@ pub struct RotateReply {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationsRequest {
+    /// The caller's token, for its own budget (as for `jwks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// The page after this `jti` (a reply's `next`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<TokenId>,

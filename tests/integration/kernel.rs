@@ -1000,7 +1000,7 @@ async fn a_kernel_restarted_on_a_backlog_of_passed_deadlines_fires_them_in_bound
         let started = std::time::Instant::now();
         if let Err(e) = submit(&stack.client, &other, op_id(), spawn(&format!("meanwhile-{i}"), None)).await {
             let out = std::fs::read_to_string(&second_out).unwrap();
-            eprintln!("DEBUG kernel-2 log:\n{}", &out[out.len().saturating_sub(6000)..]);
+            eprintln!("the restarted kernel's log ends:\n{}", &out[out.len().saturating_sub(6000)..]);
             panic!("{e:?}");
         }
         assert!(started.elapsed() < Duration::from_secs(1), "spawn {i} took {:?}", started.elapsed());
@@ -1215,4 +1215,27 @@ async fn three_thousand_delegate_and_revoke_cycles_leave_a_restarting_kernel_rea
     let mut expected: Vec<_> = revoked.iter().map(|(jti, _)| *jti).collect();
     expected.sort();
     assert_eq!(seen, expected, "every revocation once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_whose_start_outlasts_its_lease_ttl_keeps_the_lease_and_serves() {
+    let Some(stack) = Stack::start("kernel-slow-start").await else { return };
+    // Auth is down: a kernel that took the lease waits for the keys far longer than the
+    // lease's 900 ms.
+    let Stack { nats, dir, auth, client, .. } = stack;
+    auth.stop().await.unwrap();
+    let key_file = dir.path().join("admin.key");
+    let auth_again = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        start_auth(&nats, &dir.path().join("keys"), |c| c.admin_key_file = Some(key_file)).await
+    };
+    let ((_kernel, _), _auth) = tokio::join!(start_kernel(&nats, "slow"), auth_again);
+    // Ready, and still the sequencer well after its first renewals.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let operators = nats.connect(Role::Operator).await;
+    let admin_key = std::fs::read_to_string(dir.path().join("admin.key")).unwrap();
+    let token = issue(&operators, &admin_key, "operator", everything(), Duration::from_secs(600)).await;
+    let status = toka_client::Client::new(client.clone(), token.clone()).status().await.unwrap();
+    assert_eq!((status.instance.as_str(), status.lease_holder.as_deref()), ("slow", Some("slow")));
+    submit(&client, &token, op_id(), spawn("after-a-slow-start", None)).await.unwrap();
 }

@@ -4,8 +4,13 @@
 //!   `toka.telemetry.v1.health`, answers `/livez`, `/readyz` and `/metrics` on the admin port,
 //!   and stops gracefully when `shutdown` resolves.
 //! - [`Config`]: its configuration (`toka-telemetry --dump-config` prints every key).
+//! - [`views`]: the fleet folded from the kernel log's committed events (agents and tasks by
+//!   state, queue depths, waits, retries, timeouts), deterministic and exact under redelivery;
+//!   what the metrics and the dashboard will show.
 //!
 //! This crate depends on `toka-contract` and `toka-runtime` only, never on another service.
+
+pub mod views;
 
 use std::future::Future;
 use std::time::Duration;

@@ -170,11 +170,11 @@ const TASK_ACTIONS: &[Action] = &[Action::Claim, Action::Heartbeat, Action::Comp
 
 static NEXT_OP: AtomicU64 = AtomicU64::new(1);
 
-fn op_id() -> OpId {
+pub(crate) fn op_id() -> OpId {
     OpId::from_u128(u128::from(NEXT_OP.fetch_add(1, Ordering::Relaxed)) | (7 << 100))
 }
 
-async fn submit(bus: &Bus, token: &str, op_id: OpId, op: Operation) -> Result<SubmitReply, WireError> {
+pub(crate) async fn submit(bus: &Bus, token: &str, op_id: OpId, op: Operation) -> Result<SubmitReply, WireError> {
     let request = SubmitRequest { op_id, token: token.to_owned(), op };
     bus.request(subject::KERNEL_SUBMIT.subject, &request).await.map_err(|e| match e {
         RequestError::Remote(e) => e,
@@ -182,11 +182,11 @@ async fn submit(bus: &Bus, token: &str, op_id: OpId, op: Operation) -> Result<Su
     })
 }
 
-fn spawn(name: &str, parent: Option<AgentId>) -> Operation {
+pub(crate) fn spawn(name: &str, parent: Option<AgentId>) -> Operation {
     Operation::SpawnAgent(AgentSpec { name: name.parse().unwrap(), parent, limits: Default::default() })
 }
 
-fn spawned(reply: &SubmitReply) -> AgentId {
+pub(crate) fn spawned(reply: &SubmitReply) -> AgentId {
     match &reply.events[0] {
         Event::AgentSpawned { agent, .. } => *agent,
         other => panic!("expected agent.spawned, got {other:?}"),

@@ -1,8 +1,9 @@
-//! `toka-telemetry`: OpenTelemetry export, Prometheus metrics, dashboard and event analyzers.
+//! `toka-telemetry`: the fleet's state as Prometheus metrics, folded from the kernel log.
 //!
-//! - [`run`]: the service: registers with the NATS services API, serves its endpoints and
-//!   `toka.telemetry.v1.health`, answers `/livez`, `/readyz` and `/metrics` on the admin port,
-//!   and stops gracefully when `shutdown` resolves.
+//! - [`run`]: the service: registers with the NATS services API, serves
+//!   `toka.telemetry.v1.health`, follows the kernel log's stream ([`ingest`]) and serves the
+//!   views on `/metrics` ([`metrics`]) beside `/livez` and `/readyz` on the admin port (ready
+//!   once its consumer is attached), and stops gracefully when `shutdown` resolves.
 //! - [`Config`]: its configuration (`toka-telemetry --dump-config` prints every key).
 //! - [`views`]: the fleet folded from the kernel log's committed events (agents and tasks by
 //!   state, queue depths, waits, retries, timeouts), deterministic and exact under redelivery;
@@ -10,19 +11,24 @@
 //!
 //! This crate depends on `toka-contract` and `toka-runtime` only, never on another service.
 
+pub mod ingest;
+pub mod metrics;
 pub mod views;
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use toka_runtime::bus::Bus;
 use toka_runtime::host::{self, Host};
+use toka_runtime::shutdown::patiently;
 
 /// The name this service registers with the NATS services API.
 pub const SERVICE_NAME: &str = toka_contract::subject::service::TELEMETRY;
 
 /// What `--help` and the services API say the service is.
-pub const DESCRIPTION: &str = "Toka telemetry: OpenTelemetry export, Prometheus metrics, dashboard and event analyzers";
+pub const DESCRIPTION: &str =
+    "Toka telemetry: the fleet's agents, tasks and queues as Prometheus metrics, folded from the kernel log";
 
 /// The service's configuration: so far only the sections every service has
 /// (`--dump-config` prints every key).
@@ -39,6 +45,18 @@ pub enum Error {
 /// Runs the service on `bus` until `shutdown` resolves.
 pub async fn run(config: Config, bus: Bus, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let host = Host::start(&bus, SERVICE_NAME, DESCRIPTION, &config.admin).await?;
-    host.serve_until(&bus, shutdown, Duration::from_millis(config.shutdown.grace_ms)).await;
+    let views = Arc::new(Mutex::new(views::Views::default()));
+    host.register_collector(Box::new(metrics::ViewsCollector(views.clone())));
+    let grace = Duration::from_millis(config.shutdown.grace_ms);
+    let mut shutdown = Box::pin(shutdown);
+    // Not ready until the consumer is attached (the kernel log's stream may not exist yet).
+    let attached = patiently(&mut shutdown, "the kernel log's stream", || ingest::Ingest::attach(&bus, views.clone()));
+    let Some(ingest) = attached.await else {
+        host.shutdown(grace).await;
+        return Ok(());
+    };
+    let following = tokio::spawn(ingest.run());
+    host.serve_until(&bus, shutdown, grace).await;
+    following.abort();
     Ok(())
 }

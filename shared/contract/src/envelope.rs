@@ -74,6 +74,17 @@ impl Envelope {
     }
 }
 
+impl Envelope {
+    /// Where the event sits in its log and when it was recorded: (record seq, index in the
+    /// record, time in microseconds since the epoch), read back from `tokaseq` and `time`.
+    pub fn position(&self) -> Option<(u64, u16, u64)> {
+        let (seq, idx) = self.tokaseq.split_once('.')?;
+        let time = humantime::parse_rfc3339(&self.time).ok()?;
+        let time_us = u64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_micros()).ok()?;
+        Some((seq.parse().ok()?, idx.parse().ok()?, time_us))
+    }
+}
+
 /// The envelope id and JetStream `Nats-Msg-Id` of event `idx` of record `seq` of `log`.
 pub fn message_id(log: LogName, seq: u64, idx: u16) -> String {
     format!("{log}:{seq}.{idx}")
@@ -94,5 +105,6 @@ mod tests {
         assert_eq!(env.subject, Some(agent.to_string()));
         assert_eq!(env.tokaseq, "42.1");
         assert_eq!(env.dataschema, "https://toka.dev/schemas/events/agent.resumed.v1.json");
+        assert_eq!(env.position(), Some((42, 1, 1_764_150_000_123_456)));
     }
 }

@@ -256,6 +256,14 @@ impl Host {
         }
     }
 
+    /// Adds a collector of the service's own series to `/metrics` (named `toka_<name>`),
+    /// computed at each scrape.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        if let Ok(mut registry) = self.shared.metrics.registry.lock() {
+            registry.register_collector(collector);
+        }
+    }
+
     /// Marks the service ready (or not) for `/readyz` and the health endpoint.
     pub fn set_ready(&self, ready: bool) {
         self.shared.ready.store(ready, Ordering::Relaxed);

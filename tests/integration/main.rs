@@ -13,7 +13,7 @@
 //!   takeover, storage stopped mid-load.
 //! - `services`: the four services on a secured bus.
 //! - `storage`: the WAL over NATS, and committed events on JetStream.
-//! - `telemetry`: the kernel log's events folded into `/metrics`, across a SIGKILL.
+//! - `telemetry`: the kernel and audit logs' events folded into `/metrics`, across a SIGKILL.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
 #![allow(unreachable_pub)] // a test binary exports nothing; `pub` marks the harness API

@@ -1,4 +1,4 @@
-//! Telemetry on a stack: the kernel log's events folded into `/metrics`, exact after SIGKILL.
+//! Telemetry on a stack: the kernel and audit logs' events folded into `/metrics`, exact after SIGKILL.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -76,8 +76,20 @@ async fn the_fleet_in_metrics_is_exactly_what_the_kernel_log_says_across_a_sigki
         let complete = Operation::CompleteTask { task, attempt, result: "ok".into() };
         submit(&stack.client, &op, op_id(), complete).await.unwrap();
     }
+    // Three submits with a token of a key auth never had: one aggregated denial record.
+    let forged = "eyJhbGciOiJFZERTQSIsImtpZCI6ImstZWxzZXdoZXJlIiwidHlwIjoiSldUIn0.e30.c2ln";
+    for _ in 0..3 {
+        submit(&stack.client, forged, op_id(), spawn("x", None)).await.unwrap_err();
+    }
     let expected = |scheduled: f64, head: f64| {
         vec![
+            // The stack's client token and this test's operator token; the three spawned
+            // agents' tokens.
+            (r#"toka_tokens_total{kind="issued"}"#, 2.0),
+            (r#"toka_tokens_total{kind="delegated"}"#, 3.0),
+            (r#"toka_tokens_total{kind="revoked"}"#, 0.0),
+            (r#"toka_access_denials_total{action="kernel.submit"}"#, 3.0),
+            (r#"toka_telemetry_lag_events{log="kernel"}"#, 0.0),
             (r#"toka_agents{state="running"}"#, 3.0),
             (r#"toka_agents{state="suspended"}"#, 0.0),
             (r#"toka_agents{state="terminated"}"#, 0.0),

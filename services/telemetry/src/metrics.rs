@@ -1,5 +1,6 @@
 //! The views as Prometheus series, computed from them at each scrape of `/metrics`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
@@ -7,11 +8,31 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelS
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use crate::views::{Histogram, SECONDS_BUCKETS, Views};
+use toka_contract::record::LogName;
 
-/// Serves the views on the host's `/metrics` (as `toka_*`).
-#[derive(Debug)]
-pub struct ViewsCollector(pub Arc<Mutex<Views>>);
+use crate::views::{AuditViews, Histogram, SECONDS_BUCKETS, Views};
+
+/// Serves the views on the host's `/metrics` (as `toka_*`): the kernel log's, the audit log's,
+/// and how far each consumer is behind its stream.
+#[derive(Debug, Clone, Default)]
+pub struct ViewsCollector {
+    /// The kernel log's views.
+    pub views: Arc<Mutex<Views>>,
+    /// The audit log's views.
+    pub audit: Arc<Mutex<AuditViews>>,
+    kernel_lag: Arc<AtomicU64>,
+    audit_lag: Arc<AtomicU64>,
+}
+
+impl ViewsCollector {
+    /// Where the consumer of `log` keeps its lag.
+    pub fn lag(&self, log: LogName) -> Arc<AtomicU64> {
+        match log {
+            LogName::Kernel => self.kernel_lag.clone(),
+            LogName::Audit => self.audit_lag.clone(),
+        }
+    }
+}
 
 /// A state's name on the wire (`running`, `timed_out`, ...).
 fn name_of(state: impl serde::Serialize) -> String {
@@ -38,7 +59,8 @@ fn histogram(
 
 impl Collector for ViewsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Ok(views) = self.0.lock() else { return Ok(()) };
+        self.encode_audit(&mut encoder)?;
+        let Ok(views) = self.views.lock() else { return Ok(()) };
         let now_us = toka_runtime::now_us();
         let mut agents = encoder.encode_descriptor("agents", "Agents in each state", None, MetricType::Gauge)?;
         for (state, n) in views.agents_by_state() {
@@ -95,6 +117,48 @@ impl Collector for ViewsCollector {
         )?;
         let seq = views.last().map_or(0, |(seq, _)| seq);
         ConstGauge::new(seq as i64).encode(head.encode_family(&[("log", "kernel")])?)?;
+        let audit_seq = self.audit.lock().ok().and_then(|a| a.last()).map_or(0, |(seq, _)| seq);
+        ConstGauge::new(audit_seq as i64).encode(head.encode_family(&[("log", "audit")])?)?;
+        let mut lag = encoder.encode_descriptor(
+            "telemetry_lag_events",
+            "Events of each log's stream not yet delivered to telemetry",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (log, n) in [("kernel", &self.kernel_lag), ("audit", &self.audit_lag)] {
+            ConstGauge::new(n.load(Ordering::Relaxed) as i64).encode(lag.encode_family(&[("log", log)])?)?;
+        }
+        Ok(())
+    }
+}
+
+impl ViewsCollector {
+    fn encode_audit(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Ok(audit) = self.audit.lock() else { return Ok(()) };
+        let mut tokens =
+            encoder.encode_descriptor("tokens", "Tokens issued, delegated and revoked", None, MetricType::Counter)?;
+        for (kind, n) in audit.tokens() {
+            tokens.encode_family(&[("kind", kind)])?.encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        let mut denials = encoder.encode_descriptor(
+            "access_denials",
+            "Requests refused, by action (the audit log's aggregated denials)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (action, n) in audit.denials() {
+            denials.encode_family(&[("action", action.as_str())])?.encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        if let Some(at) = audit.last_rotation_us() {
+            let age = toka_runtime::now_us().saturating_sub(at) as f64 / 1e6;
+            let key = encoder.encode_descriptor(
+                "signing_key_age_seconds",
+                "Time since auth's signing key last changed",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(age).encode(key)?;
+        }
         Ok(())
     }
 }

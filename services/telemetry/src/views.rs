@@ -220,5 +220,73 @@ impl Views {
     }
 }
 
+/// What a log's events fold into: [`Views`] for the kernel log, [`AuditViews`] for the audit log.
+pub trait Fold: Send + 'static {
+    /// Folds event `idx` of record `seq`, recorded at `time_us`; `false` when it was applied
+    /// before, which changes nothing.
+    fn fold(&mut self, seq: u64, idx: u16, time_us: u64, event: &Event) -> bool;
+}
+
+impl Fold for Views {
+    fn fold(&mut self, seq: u64, idx: u16, time_us: u64, event: &Event) -> bool {
+        self.apply(seq, idx, time_us, event)
+    }
+}
+
+/// What the audit log says: tokens issued, delegated and revoked, denials by action, the last
+/// key rotation. Deterministic and exact under redelivery, as [`Views`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditViews {
+    last: Option<(u64, u16)>,
+    issued: u64,
+    delegated: u64,
+    revoked: u64,
+    denials: BTreeMap<String, u64>,
+    last_rotation_us: Option<u64>,
+}
+
+impl AuditViews {
+    /// The last event applied, as (record seq, index), if any.
+    pub fn last(&self) -> Option<(u64, u16)> {
+        self.last
+    }
+
+    /// Tokens by kind: `issued`, `delegated`, `revoked`.
+    pub fn tokens(&self) -> [(&'static str, u64); 3] {
+        [("issued", self.issued), ("delegated", self.delegated), ("revoked", self.revoked)]
+    }
+
+    /// Refusals by action (`kernel.submit`, `token.delegate`, `connect`, ...), as the audit log
+    /// aggregates them.
+    pub fn denials(&self) -> &BTreeMap<String, u64> {
+        &self.denials
+    }
+
+    /// When the signing key last changed (its first creation included), if the log says.
+    pub fn last_rotation_us(&self) -> Option<u64> {
+        self.last_rotation_us
+    }
+}
+
+impl Fold for AuditViews {
+    fn fold(&mut self, seq: u64, idx: u16, time_us: u64, event: &Event) -> bool {
+        if self.last.is_some_and(|last| (seq, idx) <= last) {
+            return false;
+        }
+        self.last = Some((seq, idx));
+        match event {
+            Event::TokenIssued { .. } => self.issued += 1,
+            Event::TokenDelegated { .. } => self.delegated += 1,
+            Event::TokenRevoked { .. } => self.revoked += 1,
+            Event::AccessDenied { action, count, .. } => {
+                *self.denials.entry(action.clone()).or_default() += u64::from(*count)
+            }
+            Event::KeyRotated { .. } => self.last_rotation_us = Some(time_us),
+            _ => {}
+        }
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests;

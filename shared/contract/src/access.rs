@@ -254,13 +254,15 @@ pub fn permissions(role: Role) -> Permissions {
         }
         Role::Telemetry => {
             serves(service::TELEMETRY, &mut subscribe, &mut publish);
-            // Its durable pull consumer on the kernel log's stream, and nothing else of the
-            // consumer API.
-            let (stream, durable) = (subject::stream_of(LogName::Kernel), TELEMETRY_CONSUMER);
-            for api in ["CREATE", "DURABLE.CREATE", "DELETE", "INFO", "MSG.NEXT"] {
-                publish.push(format!("$JS.API.CONSUMER.{api}.{stream}.{durable}"));
+            // Its durable pull consumer on each log's stream, and nothing else of the consumer
+            // API.
+            for log in LogName::ALL {
+                let (stream, durable) = (subject::stream_of(log), TELEMETRY_CONSUMER);
+                for api in ["CREATE", "DURABLE.CREATE", "DELETE", "INFO", "MSG.NEXT"] {
+                    publish.push(format!("$JS.API.CONSUMER.{api}.{stream}.{durable}"));
+                }
+                publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{durable}.>"));
             }
-            publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{durable}.>"));
             publish.extend(subjects(&[STORAGE_QUERY, STORAGE_STATUS]));
             discovery_and_event_reads(&mut publish, &mut subscribe);
         }

@@ -120,3 +120,36 @@ fn ready_tasks_follow_their_owner_and_the_oldest_wait_is_measured_from_when_they
     assert_eq!((views.retries(), views.ready_by_queue()[&q("jobs")]), (1, 2));
     assert_eq!(views.oldest_ready_seconds(7_000_000)[&q("jobs")], 5.0, "t2, ready since 2 s");
 }
+
+#[test]
+fn the_audit_log_folds_to_tokens_by_kind_and_denials_by_action_once_each() {
+    use super::{AuditViews, Fold as _};
+    let denied = |action: &str, count| Event::AccessDenied {
+        principal: "unverified".parse().unwrap(),
+        action: action.into(),
+        resource: "token".into(),
+        reason: "bad signature".into(),
+        count,
+    };
+    let jti = toka_contract::TokenId::from_u128(7);
+    let events = [
+        Event::KeyRotated { kid: "k1".into(), previous_kid: None, retire_at_us: None },
+        Event::TokenIssued { jti, sub: "op".parse().unwrap(), capabilities: vec![], expires_at_us: 9 },
+        denied("kernel.submit", 3),
+        denied("token.delegate", 2),
+        denied("kernel.submit", 1),
+        Event::TokenRevoked { jti, epoch: 1, reason: String::new(), expires_at_us: Some(9) },
+    ];
+    let mut audit = AuditViews::default();
+    for (seq, event) in events.iter().enumerate() {
+        assert!(audit.fold(seq as u64 + 1, 0, 1_000 * seq as u64, event));
+    }
+    // Redelivered: nothing changes.
+    assert!(!audit.fold(3, 0, 2_000, &events[2]));
+    assert_eq!(audit.tokens(), [("issued", 1), ("delegated", 0), ("revoked", 1)]);
+    assert_eq!(
+        audit.denials().iter().map(|(a, n)| (a.as_str(), *n)).collect::<Vec<_>>(),
+        [("kernel.submit", 4), ("token.delegate", 2)]
+    );
+    assert_eq!((audit.last_rotation_us(), audit.last()), (Some(0), Some((6, 0))));
+}

@@ -170,6 +170,15 @@ const TASK_ACTIONS: &[Action] = &[Action::Claim, Action::Heartbeat, Action::Comp
 
 static NEXT_OP: AtomicU64 = AtomicU64::new(1);
 
+/// The state `records` replay to, from nothing; every record must replay.
+fn replay(records: &[toka_contract::KernelRecord]) -> toka_kernel::machine::State {
+    let mut state = toka_kernel::machine::State::default();
+    for record in records {
+        state.replay(record).unwrap();
+    }
+    state
+}
+
 pub(crate) fn op_id() -> OpId {
     OpId::from_u128(u128::from(NEXT_OP.fetch_add(1, Ordering::Relaxed)) | (7 << 100))
 }
@@ -385,10 +394,7 @@ async fn operations_are_verified_sequenced_durable_and_queryable() {
     assert_eq!(log.last().unwrap().seq, *seqs.last().unwrap());
     toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
     assert!(log.iter().any(|r| matches!(r.op, Operation::Tick { .. })), "the tick is logged");
-    let mut replayed = toka_kernel::machine::State::default();
-    for record in &log {
-        replayed.replay(record).unwrap();
-    }
+    replay(&log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,10 +529,7 @@ async fn storage_stopped_mid_load_refuses_callers_loses_nothing_acknowledged_and
         let record = &log[(*seq - 1) as usize];
         assert_eq!(record.op_id, *id, "acknowledged op at {seq} is durable");
     }
-    let mut replayed = toka_kernel::machine::State::default();
-    for record in &log {
-        replayed.replay(record).unwrap();
-    }
+    let replayed = replay(&log);
     assert_eventually!(Duration::from_secs(5), hashes.borrow().0 == log.len() as u64, "quiescent");
     assert_eq!(*hashes.borrow(), (log.len() as u64, replayed.hash().unwrap()), "the kernel's state is the log's");
 }
@@ -688,10 +691,7 @@ async fn a_kernel_killed_under_load_restarts_with_the_state_hash_of_the_durable_
         assert_eq!(log[(*seq - 1) as usize].op_id, *id, "acknowledged op at {seq} is durable");
     }
     let (seq, logged_hash) = recovered_from(&second_out).expect("the restarted kernel logged its recovery");
-    let mut replayed = toka_kernel::machine::State::default();
-    for record in &log[..seq as usize] {
-        replayed.replay(record).unwrap();
-    }
+    let replayed = replay(&log[..seq as usize]);
     assert_eq!(logged_hash, replayed.hash().unwrap().to_string(), "recovered state = the durable log up to {seq}");
     let next = submit(&stack.client, &op, op_id(), spawn("after", Some(root))).await.unwrap();
     assert_eq!(next.seq, log.len() as u64 + 1, "continues the log");
@@ -1032,10 +1032,7 @@ async fn a_kernel_restarted_on_a_backlog_of_passed_deadlines_fires_them_in_bound
     let status = toka_client::Client::new(stack.client.clone(), op.clone()).status().await.unwrap();
     let log = stack.kernel_log().await;
     toka_contract::record::verify_chain(&log, 0, Hash::ZERO).unwrap();
-    let mut replayed = toka_kernel::machine::State::default();
-    for record in &log[..status.head_seq as usize] {
-        replayed.replay(record).unwrap();
-    }
+    let replayed = replay(&log[..status.head_seq as usize]);
     assert_eq!(
         replayed.hash().unwrap(),
         status.state_hash,

@@ -149,7 +149,7 @@ impl Auth {
     /// budget (shared by every such request, apart from every root's) is spent: then
     /// `rate_limited`.
     pub(crate) fn unverified(&self, endpoint: &str, refusal: WireError) -> WireError {
-        self.limit("unverified", endpoint).err().unwrap_or(refusal)
+        self.limits.refuse_within("unverified", endpoint, refusal)
     }
 
     /// The budget of a read of the keys or revocations: the services' own on their subjects;

@@ -56,7 +56,7 @@ impl Kernel {
             }
             let endpoint = format!("kernel.{class}");
             self.audit.deny(UNVERIFIED, &endpoint, "token", &e.message);
-            self.limits.check("unverified", &endpoint).err().unwrap_or(e)
+            self.limits.refuse_within("unverified", &endpoint, e)
         })
     }
 

@@ -6,9 +6,9 @@
 //!   views on `/metrics` ([`metrics`]) beside `/livez` and `/readyz` on the admin port (ready
 //!   once its consumers are attached), and stops gracefully when `shutdown` resolves.
 //! - [`Config`]: its configuration (`toka-telemetry --dump-config` prints every key).
-//! - [`views`]: the fleet folded from the kernel log's committed events (agents and tasks by
-//!   state, queue depths, waits, retries, timeouts), deterministic and exact under redelivery;
-//!   what the metrics and the dashboard will show.
+//! - [`views`]: the fleet folded from the logs' committed events (agents and tasks by state,
+//!   queue depths, waits, retries, timeouts; tokens and denials), deterministic and exact under
+//!   redelivery; what the metrics and the dashboard will show.
 //!
 //! This crate depends on `toka-contract` and `toka-runtime` only, never on another service.
 

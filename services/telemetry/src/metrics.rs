@@ -24,16 +24,6 @@ pub struct ViewsCollector {
     audit_lag: Arc<AtomicU64>,
 }
 
-impl ViewsCollector {
-    /// Where the consumer of `log` keeps its lag.
-    pub fn lag(&self, log: LogName) -> Arc<AtomicU64> {
-        match log {
-            LogName::Kernel => self.kernel_lag.clone(),
-            LogName::Audit => self.audit_lag.clone(),
-        }
-    }
-}
-
 /// A state's name on the wire (`running`, `timed_out`, ...).
 fn name_of(state: impl serde::Serialize) -> String {
     serde_json::to_value(state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
@@ -133,6 +123,14 @@ impl Collector for ViewsCollector {
 }
 
 impl ViewsCollector {
+    /// Where the consumer of `log` keeps its lag.
+    pub fn lag(&self, log: LogName) -> Arc<AtomicU64> {
+        match log {
+            LogName::Kernel => self.kernel_lag.clone(),
+            LogName::Audit => self.audit_lag.clone(),
+        }
+    }
+
     fn encode_audit(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let Ok(audit) = self.audit.lock() else { return Ok(()) };
         let mut tokens =

@@ -36,14 +36,6 @@ impl Histogram {
         self.count += 1;
         self.sum += seconds;
     }
-
-    /// The cumulative count at or below each bound, in order.
-    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        SECONDS_BUCKETS.iter().zip(self.buckets.iter()).scan(0, |total, (bound, n)| {
-            *total += n;
-            Some((*bound, *total))
-        })
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

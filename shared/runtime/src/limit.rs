@@ -76,6 +76,12 @@ impl Limits {
         })
     }
 
+    /// `refusal`, or the `rate_limited` error once `class`'s budget for `key` is spent: how a
+    /// request that is refused anyway (its credential does not verify) is limited.
+    pub fn refuse_within(&self, class: &str, key: &str, refusal: WireError) -> WireError {
+        self.check(class, key).err().unwrap_or(refusal)
+    }
+
     /// Forgets principals whose buckets are full again, so the key space stays bounded.
     pub fn forget_idle(&self) {
         for limiter in self.classes.values() {
